@@ -1,0 +1,307 @@
+"""Ops that move axes around: Reshape, Flatten, Transpose, Squeeze/Unsqueeze, Expand, Tile, DepthToSpace, and the
+shape computations that feed them.
+
+Reshape is matched block by block (axes whose sizes multiply to the same number). An axis that splits into several
+(``[B,S,C] -> [B,S,H,D]``) follows the channels on one of them: by default the leading one, so attention heads are
+whole units; a merge (``[C,H,W] -> [CHW]``, heads back to channels) ties the merged axis to one input axis. Where
+that choice leaves everything pinned (a channel shuffle), the analysis retries with the next axis.
+
+Target shapes are traced back through Concat/Unsqueeze/Gather(Shape(..)) to find the constants to rewrite; a
+position computed at run time in a way spc cannot follow pins the axis it sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import RuleRefused, couples, updates
+
+
+@dataclass(frozen=True)
+class Slot:
+    kind: str  # "const" (an initializer element), "shape_of" (an axis of a tensor) or "unknown"
+    name: str = ""
+    index: int = 0
+
+
+def shape_slots(graph, name: str, depth: int = 0) -> list[Slot] | None:
+    """Where each element of the 1-D int tensor ``name`` comes from, or None if even its length is unknown."""
+    shape = graph.shape(name)
+    length = shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else (1 if shape == () else None)
+    if name in graph.initializers:
+        return [Slot("const", name, i) for i in range(graph.weight(name).size)]
+    node = graph.producer.get(name)
+    if node is None or depth > 16:
+        return None if length is None else [Slot("unknown")] * length
+    op = node.op_type
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
+        inner = shape_slots(graph, node.input[0], depth + 1)
+        if inner is not None and (length is None or len(inner) == length):
+            return inner
+    elif op == "Concat":
+        parts = [shape_slots(graph, i, depth + 1) for i in node.input]
+        if all(p is not None for p in parts):
+            return [slot for part in parts for slot in part]
+    elif op == "Shape":
+        rank = len(graph.shape(node.input[0]) or ())
+        start = _attr(node, "start", 0)
+        end = _attr(node, "end", rank)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        return [Slot("shape_of", node.input[0], a) for a in range(max(0, start), min(rank, end))]
+    elif op == "Gather" and _attr(node, "axis", 0) == 0:
+        source = shape_slots(graph, node.input[0], depth + 1)
+        index = graph.weight(node.input[1])
+        if source is not None and index is not None:
+            return [source[int(i)] for i in index.reshape(-1)]
+    elif op == "Slice":
+        source = shape_slots(graph, node.input[0], depth + 1)
+        starts, ends = graph.weight(node.input[1]), graph.weight(node.input[2])
+        steps = graph.weight(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if source is not None and starts is not None and ends is not None and (steps is None or steps[0] == 1):
+            return source[slice(int(starts[0]), int(ends[0]))]
+    return None if length is None else [Slot("unknown")] * length
+
+
+def _attr(node, name, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.i
+    return default
+
+
+def guard_shape_input(ctx, shape_name: str, out: str) -> None:
+    """Pin output axes whose size comes from a run-time value spc cannot rewrite; tie those read off a tensor."""
+    out_shape = ctx.shape(out)
+    slots = shape_slots(ctx.graph, shape_name)
+    ctx.leave(shape_name)
+    reason = f"{ctx.op} '{ctx.node.name}' computes this size at run time"
+    if slots is None:
+        for axis in range(len(out_shape)):
+            ctx.pin(out, axis, reason)
+        return
+    shift = len(out_shape) - len(slots)
+    for position, slot in enumerate(slots):
+        axis = position + shift
+        if axis < 0:
+            continue
+        if slot.kind == "unknown":
+            ctx.pin(out, axis, reason)
+        elif slot.kind == "shape_of":
+            source_shape = ctx.shape(slot.name)
+            if source_shape is not None and source_shape[slot.index] == out_shape[axis]:
+                ctx.tie(slot.name, slot.index, out, axis)
+
+
+def rewrite_shape_input(edit, index: int, out: str) -> None:
+    """Set the constants of a target-shape input to the output's new sizes."""
+    name = edit.input(index)
+    old, new = edit.old_shape(out), edit.new_shape(out)
+    slots = shape_slots(edit.graph, name)
+    if slots is None:
+        return
+    shift = len(old) - len(slots)
+    direct = edit.const(name)
+    replacement = None if direct is None else direct.copy()
+    for position, slot in enumerate(slots):
+        axis = position + shift
+        if axis < 0 or old[axis] == new[axis] or slot.kind != "const":
+            continue
+        value = int(edit.const(slot.name).reshape(-1)[slot.index])
+        if value != old[axis]:
+            continue  # -1 (inferred), 0 (copied) or 1 (broadcast) follow by themselves
+        if replacement is not None and slot.name == name:
+            replacement.reshape(-1)[slot.index] = new[axis]
+        else:
+            edit.set_const_element(slot.name, slot.index, new[axis])
+    if replacement is not None and not np.array_equal(replacement, direct):
+        edit.set_input(index, replacement)
+
+
+def _blocks(in_shape, out_shape):
+    """Pairs (input axes, output axes) whose sizes multiply to the same value; size-1 axes stand alone."""
+    blocks, i, j = [], 0, 0
+    while i < len(in_shape) and j < len(out_shape):
+        a, b = in_shape[i], out_shape[j]
+        if a == b:
+            blocks.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        if a == 1:
+            i += 1
+            continue
+        if b == 1:
+            j += 1
+            continue
+        if not isinstance(a, int) or not isinstance(b, int):
+            break
+        ins, outs, pa, pb = [i], [j], a, b
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(in_shape) or not isinstance(in_shape[i], int):
+                    return blocks
+                pa *= in_shape[i]
+                ins.append(i)
+                i += 1
+            else:
+                if j >= len(out_shape) or not isinstance(out_shape[j], int):
+                    return blocks
+                pb *= out_shape[j]
+                outs.append(j)
+                j += 1
+        blocks.append((ins, outs))
+    return blocks
+
+
+def _strided_map(sizes: list[int], chosen: int) -> np.ndarray:
+    """For a flat index over ``sizes`` (row-major), its coordinate along axis ``chosen``."""
+    inner = int(np.prod(sizes[chosen + 1:], dtype=np.int64))
+    total = int(np.prod(sizes, dtype=np.int64))
+    return (np.arange(total) // inner) % sizes[chosen]
+
+
+def tie_blocks(ctx, x: str, y: str) -> None:
+    """Tie ``x`` to its reshaped ``y`` block by block (see the module docstring)."""
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        raise RuleRefused("shapes unknown")
+    for number, (ins, outs) in enumerate(_blocks(in_shape, out_shape)):
+        if len(ins) == 1 and len(outs) == 1:
+            ctx.tie(x, ins[0], y, outs[0])
+            continue
+        if len(ins) > 1 and len(outs) > 1:
+            continue  # a general regrouping: left unmentioned, hence pinned
+        if len(ins) == 1:
+            single, single_axis, many, many_axes, many_shape = x, ins[0], y, outs, out_shape
+        else:
+            single, single_axis, many, many_axes, many_shape = y, outs[0], x, ins, in_shape
+        sizes = [many_shape[a] for a in many_axes]
+        candidates = [a for a, size in zip(many_axes, sizes) if size > 1]
+        picked = candidates[ctx.choice(f"block{number}", [ctx.key(many, a) for a in candidates])]
+        ctx.tie(single, single_axis, many, picked, _strided_map(sizes, many_axes.index(picked)))
+        for axis in candidates:
+            if axis != picked:
+                ctx.pin(many, axis, f"{ctx.op} '{ctx.node.name}' couples the channels through axis {picked}",
+                        by_choice=True)
+
+
+@couples("Reshape")
+def reshape(ctx):
+    x, target, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    tie_blocks(ctx, x, y)
+    guard_shape_input(ctx, target, y)
+
+
+@updates("Reshape")
+def reshape_target(edit):
+    rewrite_shape_input(edit, 1, edit.outputs[0])
+
+
+@couples("Flatten")
+def flatten(ctx):
+    tie_blocks(ctx, ctx.inputs[0], ctx.outputs[0])
+
+
+@couples("Transpose")
+def transpose(ctx):
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    rank = ctx.rank(x)
+    perm = ctx.attr("perm") or list(reversed(range(rank)))
+    for out_axis, in_axis in enumerate(perm):
+        ctx.tie(x, in_axis, y, out_axis)
+
+
+def _axes(ctx, rank: int) -> list[int] | None:
+    axes = ctx.attr("axes")
+    if axes is None and ctx.input(1):
+        value = ctx.const(ctx.input(1))
+        if value is None:
+            raise RuleRefused("axes computed at run time")
+        axes = value.reshape(-1).tolist()
+        ctx.leave(ctx.input(1))
+    if axes is None:
+        return None
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+@couples("Squeeze")
+def squeeze(ctx):
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    shape = ctx.shape(x)
+    axes = _axes(ctx, len(shape))
+    if axes is None:
+        axes = [a for a, s in enumerate(shape) if s == 1]
+    kept = [a for a in range(len(shape)) if a not in axes]
+    for out_axis, in_axis in enumerate(kept):
+        ctx.tie(x, in_axis, y, out_axis)
+
+
+@couples("Unsqueeze")
+def unsqueeze(ctx):
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    out_rank = ctx.rank(y)
+    axes = _axes(ctx, out_rank) or []
+    kept = [a for a in range(out_rank) if a not in axes]
+    for in_axis, out_axis in enumerate(kept):
+        ctx.tie(x, in_axis, y, out_axis)
+
+
+@couples("Expand")
+def expand(ctx):
+    ctx.tie_broadcast(ctx.outputs[0], [ctx.inputs[0]])
+    guard_shape_input(ctx, ctx.inputs[1], ctx.outputs[0])
+
+
+@updates("Expand")
+def expand_shape(edit):
+    rewrite_shape_input(edit, 1, edit.outputs[0])
+
+
+@couples("ConstantOfShape")
+def constant_of_shape(ctx):
+    ctx.leave(ctx.outputs[0])
+    guard_shape_input(ctx, ctx.inputs[0], ctx.outputs[0])
+
+
+@updates("ConstantOfShape")
+def constant_of_shape_target(edit):
+    rewrite_shape_input(edit, 0, edit.outputs[0])
+
+
+@couples("Tile")
+def tile(ctx):
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    repeats = ctx.const(ctx.inputs[1])
+    if repeats is None:
+        raise RuleRefused("repeats computed at run time")
+    ctx.leave(ctx.inputs[1])
+    for axis, (size, count) in enumerate(zip(ctx.shape(x), repeats.reshape(-1))):
+        if count == 1:
+            ctx.tie(x, axis, y, axis)
+        elif isinstance(size, int):
+            ctx.tie(y, axis, x, axis, np.arange(size * int(count)) % size)
+
+
+@couples("DepthToSpace", "SpaceToDepth")
+def depth_space(ctx):
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    block = int(ctx.attr("blocksize"))
+    ctx.tie(x, 0, y, 0)
+    if ctx.op == "DepthToSpace":
+        channels = ctx.shape(y)[1]
+        mode = ctx.attr("mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        depth = ctx.shape(x)[1]
+        index = np.arange(depth) % channels if mode == "DCR" else np.arange(depth) // (block * block)
+        ctx.tie(x, 1, y, 1, index)
+    else:
+        channels = ctx.shape(x)[1]
+        ctx.tie(y, 1, x, 1, np.arange(ctx.shape(y)[1]) % channels)
+
+
+@couples("Shape", "Size")
+def reads_shape(ctx):
+    ctx.leave(ctx.inputs[0])
+    ctx.leave(ctx.outputs[0])

@@ -1,0 +1,168 @@
+"""A read-only view of a normalised ONNX model: who produces and consumes each tensor, weights as numpy arrays, and
+every tensor's shape from onnx's shape inference (with data propagation, so Reshape targets computed from Shape ops
+are resolved). Dynamic axes stay symbolic: a dimension is an ``int`` when static and a ``str`` when not.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from .io import captured_names, default_opset
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
+}
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes from onnx's inference; stale value_info is dropped first (some exporters write wrong shapes)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    try:
+        return shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+    except Exception:  # inference gives up on some custom ops; fall back to what the model states
+        return copy
+
+
+class Graph:
+    """Indexes over ``model`` for the analysis; build once, never mutate the model underneath it."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.opset = default_opset(model)
+        self.nodes = list(model.graph.node)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in dict.fromkeys(list(node.input) + _subgraph_captures(node)):
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.inputs = [value.name for value in model.graph.input]
+        self.outputs = [value.name for value in model.graph.output]
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self._weights: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, Shape | None] = {}
+        self.dtypes: dict[str, int] = {}
+        self._read_shapes(infer_shapes(model))
+        fill_shapes_from_runtime(self)
+
+    def _read_shapes(self, inferred: onnx.ModelProto) -> None:
+        graph = inferred.graph
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            tensor_type = value.type.tensor_type
+            if not value.type.HasField("tensor_type"):
+                continue
+            self.dtypes[value.name] = tensor_type.elem_type
+            if not tensor_type.HasField("shape"):
+                self.shapes.setdefault(value.name, None)
+                continue
+            dims: list[Dim] = []
+            for index, dim in enumerate(tensor_type.shape.dim):
+                if dim.HasField("dim_value"):
+                    dims.append(int(dim.dim_value))
+                else:
+                    dims.append(dim.dim_param or f"?{value.name}:{index}")
+            if value.name not in self.shapes or self.shapes[value.name] is None:
+                self.shapes[value.name] = tuple(dims)
+        for name, init in self.initializers.items():
+            self.shapes[name] = tuple(int(d) for d in init.dims)
+            self.dtypes[name] = init.data_type
+
+    def weight(self, name: str) -> np.ndarray | None:
+        """The initializer ``name`` as an array (cached), or None if it is computed at run time."""
+        if name not in self.initializers:
+            return None
+        if name not in self._weights:
+            self._weights[name] = numpy_helper.to_array(self.initializers[name])
+        return self._weights[name]
+
+    def is_weight(self, name: str) -> bool:
+        """A float initializer: something pruning slices and importance measures (int constants are shapes)."""
+        return name in self.initializers and self.initializers[name].data_type in FLOAT_TYPES
+
+    def shape(self, name: str) -> Shape | None:
+        return self.shapes.get(name)
+
+    @cached_property
+    def node_by_name(self) -> dict[str, onnx.NodeProto]:
+        return {node.name: node for node in self.nodes}
+
+
+def _subgraph_captures(node: onnx.NodeProto) -> list[str]:
+    names: list[str] = []
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subgraphs:
+            names.extend(captured_names(sub))
+    return names
+
+
+def is_static(shape: Shape | None) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _needs_runtime_shapes(graph: "Graph") -> list[str]:
+    """Tensors whose shape inference left a hole: no shape, or a size it invented ('unk__') instead of a name."""
+    named = set()
+    for name in graph.inputs:
+        named.update(d for d in (graph.shapes.get(name) or ()) if isinstance(d, str))
+    holes = []
+    for node in graph.nodes:
+        for out in node.output:
+            if not out:
+                continue
+            shape = graph.shapes.get(out)
+            if shape is None or any(isinstance(d, str) and d not in named for d in shape):
+                holes.append(out)
+    return holes
+
+
+def _runtime_probe(graph: "Graph", names: list[str], sizes: dict[str, int]) -> dict[str, tuple] | None:
+    from .validate import example_inputs, run
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph.model)
+    existing = {v.name for v in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        outputs = run(probe, example_inputs(probe, sizes))
+    except Exception:
+        return None
+    return {name: tuple(outputs[name].shape) for name in names if name in outputs}
+
+
+def fill_shapes_from_runtime(self: Graph) -> None:
+    """Fill holes left by shape inference by running the model in ONNX Runtime twice, with different sizes for the
+    dynamic axes: a size that changes between the runs is dynamic (named after the input axis it follows)."""
+    holes = _needs_runtime_shapes(self)
+    if not holes:
+        return
+    symbols = sorted({d for name in self.inputs for d in (self.shapes.get(name) or ()) if isinstance(d, str)})
+    first = {symbol: 2 + 2 * i for i, symbol in enumerate(symbols)}
+    second = {symbol: 3 + 2 * i for i, symbol in enumerate(symbols)}
+    a, b = _runtime_probe(self, holes, first), _runtime_probe(self, holes, second)
+    if a is None or b is None:
+        return
+    by_pair = {(first[s], second[s]): s for s in symbols}
+    for name in holes:
+        if name not in a or name not in b or len(a[name]) != len(b[name]):
+            continue
+        self.shapes[name] = tuple(
+            int(x) if x == y else by_pair.get((x, y), f"?{name}:{axis}")
+            for axis, (x, y) in enumerate(zip(a[name], b[name]))
+        )
+
