@@ -1,0 +1,1 @@
+"""TVM code generation per target, installed as ``spc.targets``."""
