@@ -64,8 +64,13 @@ def cmd_prune(args) -> int:
     from .evaluate import load_npz, predict, score
     from .report import human, table
 
+    from .passes import importance_pass
+    from .plan import check_budget
+
     progress = Progress(not (args.json or args.quiet))
     ratio = _ratio(args.ratio)
+    check_budget(ratio, args.by)
+    importance_pass(args.criterion)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".pruned.onnx")
     if output.resolve() == Path(args.model).resolve():
         raise SpcError(f"-o: '{output}' is the input file; spc never modifies its input")
