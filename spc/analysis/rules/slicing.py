@@ -114,6 +114,8 @@ def slice_(ctx):
 def slice_bounds(edit):
     x = edit.inputs[0]
     params = _slice_params(edit)
+    if params is None:
+        return  # run-time bounds: the analysis pinned every sliced axis
     starts, ends = edit.const(edit.input(1)).copy(), edit.const(edit.input(2)).copy()
     axes = edit.const(edit.input(3)) if edit.input(3) else np.arange(starts.size)
     changed = False
