@@ -94,7 +94,7 @@ def normalise(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     _constants_to_initializers(graph)
     _drop_initializer_inputs(graph)
     _check_wiring(graph, source)
-    _toposort(graph)
+    toposort(graph)
     problem = checker_problem(model)
     if problem:
         raise SpcError(f"{source}: invalid ONNX graph: {problem}")
@@ -225,7 +225,7 @@ def _check_wiring(graph: onnx.GraphProto, source: str) -> None:
     raise SpcError(f"{source}: the graph has a cycle through nodes {names}")
 
 
-def _toposort(graph: onnx.GraphProto) -> None:
+def toposort(graph: onnx.GraphProto) -> None:
     dag = op_graph(graph)
     order = {name: index for index, name in enumerate(node.name for node in graph.node)}
     ranked = list(nx.lexicographical_topological_sort(dag, key=lambda name: order[name]))

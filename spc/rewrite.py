@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 
 from .analysis import Analysis
 from .analysis.rules import rule_for
-from .errors import SpcError
+from .io import toposort
+
 
 
 class RewriteContext:
@@ -79,8 +80,10 @@ class RewriteContext:
             self.new_node.input.append("")
         self.new_node.input[index] = name
 
-    def set_const_element(self, name: str, index: int, value: int) -> None:
-        self.rewriter.set_const_element(name, index, value, self.node.name)
+    def rewrite_input(self, index: int, edits: dict[int, int]) -> None:
+        """Feed input ``index`` from a copy of its shape computation with the elements at ``edits`` (position ->
+        value) changed; the original stays for whoever else reads it (exporters share shape constants)."""
+        self.new_node.input[index] = self.rewriter.rebuild(self.node.input[index], edits)
 
 
 class Rewriter:
@@ -91,7 +94,7 @@ class Rewriter:
         self.kept = {key: np.flatnonzero(~removed[analysis.dim_labels(key)]) for key in space.dims}
         self._dynamic = {key for key, info in space.dims.items() if info.dynamic}
         self.new_initializers: dict[str, np.ndarray] = {}
-        self._element_edits: dict[tuple[str, int], tuple[int, str]] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
         self._names = {init.name for init in analysis.graph.graph.initializer}
         self._names.update(out for node in analysis.graph.nodes for out in node.output)
 
@@ -111,13 +114,36 @@ class Rewriter:
             for axis, size in enumerate(old)
         )
 
-    def set_const_element(self, name: str, index: int, value: int, node: str) -> None:
-        previous = self._element_edits.get((name, index))
-        if previous is not None and previous[0] != value:
-            raise SpcError(
-                f"shape constant '{name}' is shared by '{previous[1]}' and '{node}', which need different sizes"
-            )
-        self._element_edits[(name, index)] = (value, node)
+    def rebuild(self, name: str, edits: dict[int, int]) -> str:
+        """A fresh copy of the 1-D shape tensor ``name`` with ``edits`` applied, cloning only the path from it to
+        the constants that change (each occurrence separately, even of one shared constant)."""
+        from .analysis.rules.shapes import shape_slots
+
+        graph = self.analysis.graph
+        if name in graph.initializers:
+            array = graph.weight(name).copy()
+            for position, value in edits.items():
+                array.reshape(-1)[position] = value
+            fresh = self.fresh_name(f"{name}_spc")
+            self.new_initializers[fresh] = array
+            return fresh
+        node = graph.producer[name]
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = self.fresh_name(f"{node.name}_spc")
+        if node.op_type == "Concat":
+            offset = 0
+            for position, source in enumerate(node.input):
+                length = len(shape_slots(graph, source))
+                mine = {p - offset: v for p, v in edits.items() if offset <= p < offset + length}
+                if mine:
+                    clone.input[position] = self.rebuild(source, mine)
+                offset += length
+        else:  # an elementwise-preserving step (Cast, Unsqueeze, ...): the edits pass straight through
+            clone.input[0] = self.rebuild(node.input[0], edits)
+        clone.output[0] = self.fresh_name(f"{name}_spc")
+        self.new_nodes.append(clone)
+        return clone.output[0]
 
     def sliced_weight(self, name: str) -> np.ndarray | None:
         graph = self.analysis.graph
@@ -139,19 +165,15 @@ class Rewriter:
             rule = rule_for(old_node)
             if rule is not None and rule.update is not None:
                 rule.update(RewriteContext(self, old_node, new_node))
-        edits: dict[str, list[tuple[int, int]]] = {}
-        for (name, index), (value, _node) in self._element_edits.items():
-            edits.setdefault(name, []).append((index, value))
         for position, init in enumerate(new_graph.initializer):
             array = self.sliced_weight(init.name) if graph.is_weight(init.name) else None
-            if init.name in edits:
-                array = graph.weight(init.name).copy()
-                for index, value in edits[init.name]:
-                    array.reshape(-1)[index] = value
             if array is not None:
                 new_graph.initializer[position].CopyFrom(_to_tensor(array, init))
         for name, array in self.new_initializers.items():
             new_graph.initializer.append(numpy_helper.from_array(array, name))
+        if self.new_nodes:
+            new_graph.node.extend(self.new_nodes)
+            toposort(new_graph)
         del new_graph.value_info[:]
         _drop_unused_initializers(new_graph)
         return model

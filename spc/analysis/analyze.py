@@ -215,19 +215,28 @@ def analyze(model: onnx.ModelProto | Graph, allow_inexact: bool = False) -> Anal
 
 
 def _revise_choices(analysis: Analysis, candidates: dict, choices: dict) -> bool:
-    """Move the first choice (in graph order) whose chosen dim is pinned only because of other choices to its next
-    candidate. One at a time: two choices that pin each other's axis (a channel shuffle) would otherwise swap
-    forever."""
+    """Move each choice whose chosen dim ended up entirely pinned to its next candidate. A choice pinned only by
+    the choices of nodes revised in this same round waits: two choices that pin each other's axis (a channel
+    shuffle) would otherwise swap forever."""
+    counted = [pin for pin in analysis.space.pins if not (pin.soft and analysis.allow_inexact)]
     by_other = np.zeros(analysis.atom_count, dtype=bool)
-    for pin in analysis.space.pins:
-        if not pin.by_choice and not (pin.soft and analysis.allow_inexact):
-            by_other[analysis.labels[pin.elements]] = True
+    by_owner: dict[str, np.ndarray] = {}
+    for pin in counted:
+        atoms = analysis.labels[pin.elements]
+        if pin.by_choice:
+            by_owner[pin.by_choice] = np.concatenate([by_owner.get(pin.by_choice, np.zeros(0, np.int64)), atoms])
+        else:
+            by_other[atoms] = True
+    revised: set[str] = set()
     for key, options in candidates.items():
         current = choices.get(key, 0)
-        if current + 1 >= len(options):
+        atoms = analysis.dim_labels(options[min(current, len(options) - 1)])
+        if current + 1 >= len(options) or not analysis.pinned[atoms].all():
             continue
-        atoms = analysis.dim_labels(options[current])
-        if analysis.pinned[atoms].all() and not by_other[atoms].any():
-            choices[key] = current + 1
-            return True
-    return False
+        if not by_other[atoms].any():
+            owners = {owner for owner, pinned in by_owner.items() if np.isin(atoms, pinned).any()}
+            if owners <= revised:
+                continue
+        choices[key] = current + 1
+        revised.add(key[0])
+    return bool(revised)

@@ -31,7 +31,7 @@ class Pin:
     elements: np.ndarray
     reason: str
     soft: bool  # soft pins guard exactness (e.g. LayerNorm statistics) and can be lifted on request
-    by_choice: bool = False  # set by a rule's choice among couplings; the analysis may revisit that choice
+    by_choice: str = ""  # the node whose choice among couplings set this pin; the analysis may revisit it
 
 
 @dataclass
@@ -92,7 +92,7 @@ class DimSpace:
         self._add(self.elements(a, a_indices), self.elements(b, b_indices))
 
     def pin(self, key: DimKey, reason: str, soft: bool = False, indices: np.ndarray | None = None,
-            by_choice: bool = False) -> None:
+            by_choice: str = "") -> None:
         self.pins.append(Pin(self.elements(key, indices), reason, soft, by_choice))
 
     def _add(self, a: np.ndarray, b: np.ndarray) -> None:

@@ -200,7 +200,7 @@ class OpContext:
         self.key(tensor, axis)
 
     def pin(self, tensor: str, axis: int, reason: str, soft: bool = False, by_choice: bool = False) -> None:
-        self.space.pin(self.key(tensor, axis), reason, soft, by_choice=by_choice)
+        self.space.pin(self.key(tensor, axis), reason, soft, by_choice=self.node.name if by_choice else "")
 
     def pin_key(self, key: DimKey, reason: str, soft: bool = False) -> None:
         self.space.pin(key, reason, soft)

@@ -21,7 +21,8 @@ from .base import RuleRefused, couples, updates
 
 @dataclass(frozen=True)
 class Slot:
-    kind: str  # "const" (an initializer element), "shape_of" (an axis of a tensor) or "unknown"
+    kind: str  # "const" (an initializer element), "shape_of" (an axis of a tensor), "shape_expr" (arithmetic on
+    # axes of tensors, recomputed at run time from the pruned sizes) or "unknown"
     name: str = ""
     index: int = 0
 
@@ -54,14 +55,28 @@ def shape_slots(graph, name: str, depth: int = 0) -> list[Slot] | None:
         source = shape_slots(graph, node.input[0], depth + 1)
         index = graph.weight(node.input[1])
         if source is not None and index is not None:
-            return [source[int(i)] for i in index.reshape(-1)]
+            return [_frozen(source[int(i)]) for i in index.reshape(-1)]
     elif op == "Slice":
         source = shape_slots(graph, node.input[0], depth + 1)
         starts, ends = graph.weight(node.input[1]), graph.weight(node.input[2])
         steps = graph.weight(node.input[4]) if len(node.input) > 4 and node.input[4] else None
         if source is not None and starts is not None and ends is not None and (steps is None or steps[0] == 1):
-            return source[slice(int(starts[0]), int(ends[0]))]
+            return [_frozen(slot) for slot in source[slice(int(starts[0]), int(ends[0]))]]
+    elif op in ("Mul", "Add", "Sub", "Div", "Mod", "Max", "Min") and length is not None:
+        parts = [shape_slots(graph, i, depth + 1) for i in node.input]
+        if all(p is not None and len(p) in (1, length) for p in parts):
+            result = []
+            for position in range(length):
+                kinds = {p[position if len(p) > 1 else 0].kind for p in parts}
+                derived = kinds & {"shape_of", "shape_expr"} and not kinds & {"unknown"}
+                result.append(Slot("shape_expr") if derived else Slot("unknown"))
+            return result
     return None if length is None else [Slot("unknown")] * length
+
+
+def _frozen(slot: Slot) -> Slot:
+    """A constant reached through Gather or Slice cannot be rewritten in place (spc rebuilds only Concat chains)."""
+    return Slot("unknown") if slot.kind == "const" else slot
 
 
 def _attr(node, name, default):
@@ -95,32 +110,28 @@ def guard_shape_input(ctx, shape_name: str, out: str) -> None:
 
 
 def rewrite_shape_input(edit, index: int, out: str) -> None:
-    """Set the constants of a target-shape input to the output's new sizes."""
+    """Set the constants of a target-shape input to the output's new sizes, on a private copy of whatever computes
+    that input (exporters share one shape constant among many Reshapes)."""
     name = edit.input(index)
     old, new = edit.old_shape(out), edit.new_shape(out)
     slots = shape_slots(edit.graph, name)
     if slots is None:
         return
     shift = len(old) - len(slots)
-    direct = edit.const(name)
-    replacement = None if direct is None else direct.copy()
+    changes = {}
     for position, slot in enumerate(slots):
         axis = position + shift
         if axis < 0 or old[axis] == new[axis] or slot.kind != "const":
             continue
-        value = int(edit.const(slot.name).reshape(-1)[slot.index])
-        if value != old[axis]:
-            continue  # -1 (inferred), 0 (copied) or 1 (broadcast) follow by themselves
-        if replacement is not None and slot.name == name:
-            replacement.reshape(-1)[slot.index] = new[axis]
-        else:
-            edit.set_const_element(slot.name, slot.index, new[axis])
-    if replacement is not None and not np.array_equal(replacement, direct):
-        edit.set_input(index, replacement)
+        if int(edit.const(slot.name).reshape(-1)[slot.index]) == old[axis]:
+            changes[position] = int(new[axis])
+        # otherwise -1 (inferred), 0 (copied) or 1 (broadcast): they follow by themselves
+    if changes:
+        edit.rewrite_input(index, changes)
 
 
-def _blocks(in_shape, out_shape):
-    """Pairs (input axes, output axes) whose sizes multiply to the same value; size-1 axes stand alone."""
+def _match(in_shape, out_shape):
+    """Blocks matched from the left until a dynamic size stops the matching; also where it stopped."""
     blocks, i, j = [], 0, 0
     while i < len(in_shape) and j < len(out_shape):
         a, b = in_shape[i], out_shape[j]
@@ -136,23 +147,34 @@ def _blocks(in_shape, out_shape):
             continue
         if not isinstance(a, int) or not isinstance(b, int):
             break
-        ins, outs, pa, pb = [i], [j], a, b
-        i, j = i + 1, j + 1
+        ins, outs, pa, pb, ii, jj = [i], [j], a, b, i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                if i >= len(in_shape) or not isinstance(in_shape[i], int):
-                    return blocks
-                pa *= in_shape[i]
-                ins.append(i)
-                i += 1
+            if pa < pb and ii < len(in_shape) and isinstance(in_shape[ii], int):
+                pa *= in_shape[ii]
+                ins.append(ii)
+                ii += 1
+            elif pb < pa and jj < len(out_shape) and isinstance(out_shape[jj], int):
+                pb *= out_shape[jj]
+                outs.append(jj)
+                jj += 1
             else:
-                if j >= len(out_shape) or not isinstance(out_shape[j], int):
-                    return blocks
-                pb *= out_shape[j]
-                outs.append(j)
-                j += 1
+                return blocks, i, j
         blocks.append((ins, outs))
-    return blocks
+        i, j = ii, jj
+    return blocks, i, j
+
+
+def _blocks(in_shape, out_shape):
+    """Pairs (input axes, output axes) whose sizes multiply to the same value, matched from the left and then from
+    the right, so ``[B, S, C] -> [B*S, C]`` still pairs the channels even though ``B*S`` is dynamic."""
+    front, i, j = _match(list(in_shape), list(out_shape))
+    if i >= len(in_shape) and j >= len(out_shape):
+        return front
+    back, _, _ = _match(list(in_shape[i:])[::-1], list(out_shape[j:])[::-1])
+    last_in, last_out = len(in_shape) - 1, len(out_shape) - 1
+    for ins, outs in back:
+        front.append((sorted(last_in - a for a in ins), sorted(last_out - b for b in outs)))
+    return front
 
 
 def _strided_map(sizes: list[int], chosen: int) -> np.ndarray:
@@ -250,6 +272,7 @@ def unsqueeze(ctx):
 
 @couples("Expand")
 def expand(ctx):
+    ctx.leave(ctx.outputs[0])  # axes stretched from size 1 follow the target shape, rewritten below
     ctx.tie_broadcast(ctx.outputs[0], [ctx.inputs[0]])
     guard_shape_input(ctx, ctx.inputs[1], ctx.outputs[0])
 
