@@ -51,6 +51,8 @@ class ImportancePass(ABC):
 
 def per_index_norm(array: np.ndarray, axis: int, power: float) -> np.ndarray:
     """Sum of |w|**power over every axis but ``axis``: one value per index along ``axis``."""
-    values = np.abs(array.astype(np.float64, copy=False)) ** power
+    values = np.abs(array.astype(np.float32, copy=False))
+    if power != 1:
+        values = values ** power
     others = tuple(a for a in range(array.ndim) if a != axis)
-    return values.sum(axis=others) if others else values
+    return values.sum(axis=others, dtype=np.float64) if others else values.astype(np.float64)

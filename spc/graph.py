@@ -5,13 +5,15 @@ are resolved). Dynamic axes stay symbolic: a dimension is an ``int`` when static
 
 from __future__ import annotations
 
+import contextlib
+import io
 from functools import cached_property
 
 import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from .io import captured_names, default_opset
+from .io import captured_names, default_opset, light_copy
 
 Dim = int | str
 Shape = tuple[Dim, ...]
@@ -22,10 +24,25 @@ FLOAT_TYPES = {
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes from onnx's inference; stale value_info is dropped first (some exporters write wrong shapes)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    """Shapes from ONNX Runtime's symbolic shape inference, which keeps dynamic axes named through masks,
+    Expand and Reshape chains (onnx's own inference invents a new 'unk__' symbol at each of them), falling back to
+    onnx's inference with data propagation. Stale value_info is dropped first (some exporters write wrong shapes)."""
+    copy = light_copy(model)
     del copy.graph.value_info[:]
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        # Driven step by step rather than through ``infer_shapes``, which on an incomplete result writes a file
+        # into the current directory and raises: partial shapes are still worth having.
+        inference = SymbolicShapeInference(2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            inference._preprocess(copy)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+        return inference.out_mp_
+    except Exception:  # it refuses models with ops it does not know; onnx's inference is more lenient
+        pass
     try:
         return shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # inference gives up on some custom ops; fall back to what the model states
@@ -121,8 +138,8 @@ def _needs_runtime_shapes(graph: "Graph") -> list[str]:
     holes = []
     for node in graph.nodes:
         for out in node.output:
-            if not out:
-                continue
+            if not out or graph.dtypes.get(out, onnx.TensorProto.FLOAT) not in FLOAT_TYPES:
+                continue  # integer and boolean tensors (masks, shapes) carry no channels
             shape = graph.shapes.get(out)
             if shape is None or any(isinstance(d, str) and d not in named for d in shape):
                 holes.append(out)

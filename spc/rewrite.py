@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from .analysis import Analysis
 from .analysis.rules import rule_for
+from .errors import SpcError
 from .io import toposort
 
 
@@ -115,11 +116,17 @@ class Rewriter:
         )
 
     def rebuild(self, name: str, edits: dict[int, int]) -> str:
-        """A fresh copy of the 1-D shape tensor ``name`` with ``edits`` applied, cloning only the path from it to
-        the constants that change (each occurrence separately, even of one shared constant)."""
+        """A fresh copy of the 1-D shape tensor ``name`` with ``edits`` (position -> value) applied. Only the path
+        to the edited positions is cloned (each occurrence separately, even of one shared constant); a piece whose
+        every position is edited becomes a constant."""
         from .analysis.rules.shapes import shape_slots
 
         graph = self.analysis.graph
+        slots = shape_slots(graph, name)
+        if slots is not None and set(edits) >= set(range(len(slots))):
+            fresh = self.fresh_name(f"{name}_spc")
+            self.new_initializers[fresh] = np.array([edits[p] for p in range(len(slots))], dtype=np.int64)
+            return fresh
         if name in graph.initializers:
             array = graph.weight(name).copy()
             for position, value in edits.items():
@@ -139,8 +146,12 @@ class Rewriter:
                 if mine:
                     clone.input[position] = self.rebuild(source, mine)
                 offset += length
-        else:  # an elementwise-preserving step (Cast, Unsqueeze, ...): the edits pass straight through
+        elif node.op_type == "Where":  # Where(Equal(s, -1), 1, s): the edited positions are never -1
+            clone.input[2] = self.rebuild(node.input[2], edits)
+        elif node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
             clone.input[0] = self.rebuild(node.input[0], edits)
+        else:
+            raise SpcError(f"cannot rewrite the shape computed by {node.op_type} '{node.name}' for the pruned sizes")
         clone.output[0] = self.fresh_name(f"{name}_spc")
         self.new_nodes.append(clone)
         return clone.output[0]

@@ -34,7 +34,7 @@ Exporter = Literal["legacy", "dynamo"]
 #: exporter used when ``export(exporter=None)``.  The dynamo (torch.export) exporter gives
 #: markedly cleaner graphs when axes are dynamic: it knows which dims are symbolic, whereas
 #: the TorchScript exporter records every ``x.size(i)`` as Shape->Gather->Unsqueeze->Concat
-#: arithmetic (e.g. shufflenetv2 83 vs 195 nodes, swin 208 vs 404, gpt2 114 vs 251).  The
+#: arithmetic (e.g. shufflenetv2 83 vs 195 nodes, swin 208 vs 372, gpt2 114 vs 251).  The
 #: legacy exporter is 2-5x faster; set SPC_ZOO_EXPORTER=legacy to make it the default.
 DEFAULT_EXPORTER: Exporter = os.environ.get("SPC_ZOO_EXPORTER", "dynamo")  # type: ignore[assignment]
 OUTPUT_NAME = "output"
@@ -168,10 +168,18 @@ def _without_bn_fusion():
 
 def _optimize(model, fold_bn: bool):
     """onnxscript's optimizer (constant folding, CSE, no-op removal, ...) on a proto or ir.Model."""
+    import logging
+
     import onnxscript.optimizer
 
-    with contextlib.nullcontext() if fold_bn else _without_bn_fusion():
-        return onnxscript.optimizer.optimize(model)
+    log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "Evaluation failed: ..." warnings are harmless noise
+    try:
+        with contextlib.nullcontext() if fold_bn else _without_bn_fusion():
+            return onnxscript.optimizer.optimize(model)
+    finally:
+        log.setLevel(level)
 
 
 _REDUCE_AXES_INPUT = {  # ops whose ``axes`` became an input in opset 18
@@ -338,6 +346,61 @@ def _export_dynamo(name, model, args, specs, opset, dynamic) -> "object":
 
 
 _CACHE: dict[tuple, tuple[bytes, dict[str, np.ndarray]]] = {}
+
+
+def _disk_cache_dir() -> Path | None:
+    """``$SPC_ZOO_CACHE`` (``0``/empty disables), default ``tests/zoo/.cache``."""
+    d = os.environ.get("SPC_ZOO_CACHE", str(Path(__file__).with_name(".cache")))
+    return None if d in ("", "0") else Path(d)
+
+
+def _disk_key(key: tuple) -> str:
+    """Hash of the export arguments, the zoo's source files and the tool versions."""
+    import hashlib
+    import importlib.metadata as md
+
+    h = hashlib.sha256(repr(key).encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        if f.name != "check_zoo.py":
+            h.update(f.read_bytes())
+    for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir"):
+        try:
+            h.update(f"{pkg}={md.version(pkg)}".encode())
+        except md.PackageNotFoundError:
+            pass
+    return f"{key[0]}-{h.hexdigest()[:16]}"
+
+
+def _disk_load(key: tuple) -> tuple[bytes, dict[str, np.ndarray]] | None:
+    d = _disk_cache_dir()
+    if d is None:
+        return None
+    stem = d / _disk_key(key)
+    try:
+        with np.load(stem.with_suffix(".npz")) as z:
+            arrays = {k: z[k] for k in z.files}
+        return stem.with_suffix(".onnx").read_bytes(), arrays
+    except (OSError, ValueError):
+        return None
+
+
+def _disk_store(key: tuple, data: bytes, arrays: dict[str, np.ndarray]) -> None:
+    d = _disk_cache_dir()
+    if d is None:
+        return
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        stem = d / _disk_key(key)
+        tmp = stem.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, stem.with_suffix(".onnx"))
+        with open(tmp, "wb") as f:  # inputs last: their presence marks a complete entry
+            np.savez(f, **arrays)
+        os.replace(tmp, stem.with_suffix(".npz"))
+    except OSError:
+        pass
+
+
 #: dynamo node metadata dropped from the written file (bulky, machine-specific paths)
 _DROP_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
@@ -375,8 +438,11 @@ def export(
             default.  ``False`` keeps the BatchNormalization nodes.  (With dynamo the
             folding is done by the optimizer, so ``optimize=False`` also keeps them.)
         optimize: run onnxscript's optimizer (constant folding, CSE, dead-code removal).
-        cache: reuse an identical earlier export from this process (the build is
-            deterministic), which makes repeated exports in one test session free.
+        cache: reuse an identical earlier export (the build is deterministic): from this
+            process, else from the on-disk cache ``tests/zoo/.cache`` (override the folder
+            with ``$SPC_ZOO_CACHE``, ``SPC_ZOO_CACHE=0`` disables it).  Entries are keyed by
+            the arguments, the zoo's source files and the torch/transformers/onnx/onnxscript
+            versions, so editing a model invalidates its entry.
 
     Returns:
         ``{input name: array}`` example inputs for onnxruntime (batch 1), keyed and ordered
@@ -388,6 +454,10 @@ def export(
     if exporter not in ("legacy", "dynamo"):
         raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
     key = (name, opset, exporter, dynamic, fold_bn, optimize, seed)
+    if cache and key not in _CACHE:
+        hit = _disk_load(key)
+        if hit is not None:
+            _CACHE[key] = hit
     if not (cache and key in _CACHE):
         model, inputs = build(name, seed)
         specs = INPUTS[name]
@@ -408,6 +478,8 @@ def export(
                 proto = _downgrade(proto, opset)
         proto.producer_name = f"tests.zoo:{name}:{exporter}"
         _CACHE[key] = (proto.SerializeToString(), {k: v.numpy() for k, v in inputs.items()})
+        if cache:
+            _disk_store(key, *_CACHE[key])
     data, arrays = _CACHE[key]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from .base import RuleRefused, couples, updates
 @dataclass(frozen=True)
 class Slot:
     kind: str  # "const" (an initializer element), "shape_of" (an axis of a tensor), "shape_expr" (arithmetic on
-    # axes of tensors, recomputed at run time from the pruned sizes) or "unknown"
+    # axes of tensors, recomputed at run time from the pruned sizes), "follows" (-1 turned into "keep the input's
+    # size") or "unknown"
     name: str = ""
     index: int = 0
 
@@ -62,6 +63,11 @@ def shape_slots(graph, name: str, depth: int = 0) -> list[Slot] | None:
         steps = graph.weight(node.input[4]) if len(node.input) > 4 and node.input[4] else None
         if source is not None and starts is not None and ends is not None and (steps is None or steps[0] == 1):
             return [_frozen(slot) for slot in source[slice(int(starts[0]), int(ends[0]))]]
+    elif op == "Where" and _is_minus_one_guard(graph, node):
+        # the TorchScript exporter's expand(-1): Where(Equal(s, -1), 1, s) keeps s, and -1 means "input's size"
+        inner = shape_slots(graph, node.input[2], depth + 1)
+        if inner is not None:
+            return [Slot("follows") if s.kind == "const" and _value(graph, s) == -1 else s for s in inner]
     elif op in ("Mul", "Add", "Sub", "Div", "Mod", "Max", "Min") and length is not None:
         parts = [shape_slots(graph, i, depth + 1) for i in node.input]
         if all(p is not None and len(p) in (1, length) for p in parts):
@@ -72,6 +78,15 @@ def shape_slots(graph, name: str, depth: int = 0) -> list[Slot] | None:
                 result.append(Slot("shape_expr") if derived else Slot("unknown"))
             return result
     return None if length is None else [Slot("unknown")] * length
+
+
+def _value(graph, slot: Slot) -> int:
+    return int(graph.weight(slot.name).reshape(-1)[slot.index])
+
+
+def _is_minus_one_guard(graph, node) -> bool:
+    condition = graph.producer.get(node.input[0])
+    return condition is not None and condition.op_type == "Equal" and node.input[2] in condition.input
 
 
 def _frozen(slot: Slot) -> Slot:
@@ -87,7 +102,9 @@ def _attr(node, name, default):
 
 
 def guard_shape_input(ctx, shape_name: str, out: str) -> None:
-    """Pin output axes whose size comes from a run-time value spc cannot rewrite; tie those read off a tensor."""
+    """Pin output axes whose size comes from a run-time value spc cannot follow. Constants are rewritten after
+    pruning; sizes read off tensors (``Shape(x)[2]``, possibly of another tensor than the one reshaped) are replaced
+    by the new constant size when their axis shrinks, since a channel axis is always static."""
     out_shape = ctx.shape(out)
     slots = shape_slots(ctx.graph, shape_name)
     ctx.leave(shape_name)
@@ -98,15 +115,8 @@ def guard_shape_input(ctx, shape_name: str, out: str) -> None:
         return
     shift = len(out_shape) - len(slots)
     for position, slot in enumerate(slots):
-        axis = position + shift
-        if axis < 0:
-            continue
-        if slot.kind == "unknown":
-            ctx.pin(out, axis, reason)
-        elif slot.kind == "shape_of":
-            source_shape = ctx.shape(slot.name)
-            if source_shape is not None and source_shape[slot.index] == out_shape[axis]:
-                ctx.tie(slot.name, slot.index, out, axis)
+        if position + shift >= 0 and slot.kind == "unknown":
+            ctx.pin(out, position + shift, reason)
 
 
 def rewrite_shape_input(edit, index: int, out: str) -> None:
@@ -121,9 +131,10 @@ def rewrite_shape_input(edit, index: int, out: str) -> None:
     changes = {}
     for position, slot in enumerate(slots):
         axis = position + shift
-        if axis < 0 or old[axis] == new[axis] or slot.kind != "const":
+        if axis < 0 or old[axis] == new[axis]:
             continue
-        if int(edit.const(slot.name).reshape(-1)[slot.index]) == old[axis]:
+        if slot.kind in ("shape_of", "shape_expr") or (
+                slot.kind == "const" and int(edit.const(slot.name).reshape(-1)[slot.index]) == old[axis]):
             changes[position] = int(new[axis])
         # otherwise -1 (inferred), 0 (copied) or 1 (broadcast): they follow by themselves
     if changes:

@@ -73,10 +73,14 @@ def _slice_params(ctx):
     data = ctx.inputs[0]
     shape = ctx.shape(data)
     starts, ends = ctx.const(ctx.input(1)), ctx.const(ctx.input(2))
-    axes = ctx.const(ctx.input(3)) if ctx.input(3) else np.arange(len(starts if starts is not None else []))
+    axes = ctx.const(ctx.input(3)) if ctx.input(3) else None
+    if axes is None and not ctx.input(3) and starts is not None:
+        axes = np.arange(starts.size)
     steps = ctx.const(ctx.input(4)) if ctx.input(4) else None
-    if starts is None or ends is None or axes is None:
+    if axes is None:
         return None
+    if starts is None or ends is None:  # run-time bounds: those axes cannot be followed, the others can
+        return {int(a) + len(shape) if a < 0 else int(a): None for a in axes.reshape(-1)}
     result = {}
     for k, axis in enumerate(axes.reshape(-1)):
         axis = int(axis) + len(shape) if axis < 0 else int(axis)
@@ -114,7 +118,7 @@ def slice_(ctx):
 def slice_bounds(edit):
     x = edit.inputs[0]
     params = _slice_params(edit)
-    if params is None:
+    if params is None or all(value is None for value in params.values()):
         return  # run-time bounds: the analysis pinned every sliced axis
     starts, ends = edit.const(edit.input(1)).copy(), edit.const(edit.input(2)).copy()
     axes = edit.const(edit.input(3)) if edit.input(3) else np.arange(starts.size)
