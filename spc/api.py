@@ -113,7 +113,7 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "l1", *,
     verdict = "not validated"
     if check:
         say("validating with onnx.checker and ONNX Runtime")
-        verdict = validate(pruned, proto, dim_values)
+        verdict = validate(pruned, analysis.graph, dim_values)
     timings["validate"] = time.perf_counter() - clock
     return PruneResult(pruned, plan, analysis, scorer.name, verdict, timings)
 

@@ -29,24 +29,37 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     onnx's inference with data propagation. Stale value_info is dropped first (some exporters write wrong shapes)."""
     copy = light_copy(model)
     del copy.graph.value_info[:]
+    symbolic, complete = _symbolic_shapes(copy)
+    if complete:
+        return symbolic
+    try:
+        inferred = shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+    except Exception:  # inference gives up on some custom ops; keep what the model states
+        inferred = copy
+    if symbolic is not None:  # symbolic names where it got that far, onnx's shapes beyond
+        known = {value.name for value in symbolic.graph.value_info}
+        symbolic.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+        return symbolic
+    return inferred
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, bool]:
+    """ONNX Runtime's symbolic shape inference, driven step by step rather than through ``infer_shapes``: on an
+    incomplete result that one writes a file into the current directory and raises, and partial shapes are
+    still worth having. Returns (model with value_info, whether every shape was inferred)."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        # Driven step by step rather than through ``infer_shapes``, which on an incomplete result writes a file
-        # into the current directory and raises: partial shapes are still worth having.
         inference = SymbolicShapeInference(2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        complete = False
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            inference._preprocess(copy)
+            inference._preprocess(model)
             while inference.run_:
-                inference._infer_impl()
+                complete = inference._infer_impl()
             inference._update_output_from_vi()
-        return inference.out_mp_
-    except Exception:  # it refuses models with ops it does not know; onnx's inference is more lenient
-        pass
-    try:
-        return shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
-    except Exception:  # inference gives up on some custom ops; fall back to what the model states
-        return copy
+        return inference.out_mp_, bool(complete)
+    except Exception:  # it refuses some models outright (unknown ops, odd attributes)
+        return None, False
 
 
 class Graph:
@@ -98,12 +111,18 @@ class Graph:
             self.dtypes[name] = init.data_type
 
     def weight(self, name: str) -> np.ndarray | None:
-        """The initializer ``name`` as an array (cached), or None if it is computed at run time."""
+        """The initializer ``name`` as an array, or None if it is computed at run time. Small ones (shape
+        constants, norms) are cached; large weights are read afresh so that a pass over all of them does not
+        keep a second copy of the model alive."""
         if name not in self.initializers:
             return None
-        if name not in self._weights:
-            self._weights[name] = numpy_helper.to_array(self.initializers[name])
-        return self._weights[name]
+        cached = self._weights.get(name)
+        if cached is not None:
+            return cached
+        array = numpy_helper.to_array(self.initializers[name])
+        if array.size <= 65536:
+            self._weights[name] = array
+        return array
 
     def is_weight(self, name: str) -> bool:
         """A float initializer: something pruning slices and importance measures (int constants are shapes)."""
