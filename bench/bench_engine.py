@@ -121,11 +121,14 @@ def timed_prune(path: Path, dims: dict) -> dict:
             "analyze_in_prune_s": result.timings["analyse"], "validate_s": result.timings["validate"]}
 
 
+# VmHWM, not ru_maxrss: the latter survives exec, so a child of a big parent would report the parent's peak
 PEAK_SCRIPT = """
-import resource, sys, spc
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, spc
+def peak():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+before = peak()
 spc.save(spc.prune(sys.argv[1], ratio=0.5, criterion="l1").model, sys.argv[2])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(peak() - before)
 """
 
 

@@ -1,0 +1,93 @@
+"""The ``spc compile`` and ``spc run`` commands: structured pruning (as ``spc prune``, with widths rounded to what
+the target's kernels like), then ``spc.targets`` sparsifies, compiles with TVM and writes a bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SpcError
+
+
+def _block(text: str) -> tuple[int, int]:
+    rows, _, cols = text.lower().partition("x")
+    if not rows.isdigit() or not cols.isdigit():
+        raise SpcError(f"--block: '{text}' is not RxC (e.g. 4x1)")
+    return int(rows), int(cols)
+
+
+def compile_cli(args, progress) -> int:
+    from . import api
+    from .cli import _dims, _ratio
+    from .plan import check_budget
+    from .report import table
+
+    ratio = _ratio(args.ratio)
+    check_budget(ratio, args.by)
+    if not 0.0 <= args.sparsity < 1.0:
+        raise SpcError(f"--sparsity: {args.sparsity} is out of range; it must be in [0, 1)")
+    block = _block(args.block)
+    from .targets import compile_model, get_target
+
+    try:
+        spec = get_target(args.target)
+    except (KeyError, ValueError) as error:
+        raise SpcError(f"--target: {error}") from None
+    progress(f"loading {args.model}")
+    model = api.load(args.model)
+    summary: dict = {"target": spec.name}
+    if ratio > 0:
+        from .evaluate import load_npz
+
+        calibration = load_npz(args.calib, model)[0] if args.calib else None
+        result = api.prune(model, ratio=ratio, by=args.by, criterion=args.criterion,
+                           round_to=args.round_to or spec.round_to, seed=args.seed,
+                           allow_inexact=args.allow_inexact, dim_values=_dims(args.dim), calibration=calibration,
+                           progress=progress)
+        model = result.model
+        summary["pruning"] = result.summary()
+    manifest = compile_model(model, spec.name, args.output, sparsity=args.sparsity, block=block,
+                             progress=progress)
+    summary["bundle"] = str(args.output)
+    summary["manifest"] = manifest
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    layers = manifest.get("layers", [])
+    if layers:
+        rows = [[layer.get("name", ""), layer.get("op", ""), layer.get("kernel", ""),
+                 f"{layer['density']:.2f}" if isinstance(layer.get("density"), (int, float)) else "",
+                 f"{layer['expected_speedup']:.2f}x" if isinstance(layer.get("expected_speedup"), (int, float))
+                 else ""] for layer in layers]
+        print(table(["layer", "op", "kernel", "density", "expected"], rows, {3, 4}))
+    if "pruning" in summary:
+        pruning = summary["pruning"]
+        print(f"\npruned {pruning['reduction']['macs']:.1%} of MACs ({pruning['speedup_macs']}x fewer) "
+              f"with '{pruning['criterion']}'")
+    print(f"compiled for {spec.name}; bundle written to {args.output}")
+    return 0
+
+
+def run_cli(args) -> int:
+    from .targets import load_bundle
+
+    bundle_dir = Path(args.bundle)
+    if not (bundle_dir / "manifest.json").is_file():
+        raise SpcError(f"{bundle_dir}: not a bundle (no manifest.json)")
+    feeds = {}
+    for item in args.input:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SpcError(f"--input: '{item}' is not NAME=FILE.npy")
+        if not Path(path).is_file():
+            raise SpcError(f"--input: {path}: no such file")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except Exception as error:
+            raise SpcError(f"--input: {path}: not a readable .npy file ({error})") from None
+    outputs = load_bundle(bundle_dir).run(feeds)
+    np.savez(args.output, **outputs)
+    print(f"wrote {', '.join(outputs)} to {args.output}")
+    return 0
