@@ -95,14 +95,12 @@ class Analysis:
         has_weight = np.zeros(self.atom_count, dtype=bool)
         for key in self.weight_dims:
             has_weight[self.dim_labels(key)] = True
-        pair_keys = []
-        for dim_index, key in enumerate(keys):
-            atoms = np.unique(self.dim_labels(key))
-            atoms = atoms[has_weight[atoms]]
-            pair_keys.append(atoms * len(keys) + dim_index)
-        if not pair_keys:
+        if not keys:
             return []
-        pairs = np.unique(np.concatenate(pair_keys))
+        # element ids are allocated dim after dim, in the order the dims were created
+        element_dim = np.repeat(np.arange(len(keys)), [self.space.dims[k].size for k in keys])
+        relevant = has_weight[self.labels]
+        pairs = np.unique(self.labels[relevant] * len(keys) + element_dim[relevant])
         atoms_of_pairs, dims_of_pairs = pairs // len(keys), pairs % len(keys)
         boundaries = np.flatnonzero(np.diff(atoms_of_pairs)) + 1
         by_signature: dict[tuple, list[int]] = {}
