@@ -440,3 +440,19 @@ def test_if_subgraph_pins_what_it_captures():
     analysis = spc.analyze(from_proto(b.model(y, iffed)))
     assert any(g.pin_reason and "If" in g.pin_reason for g in analysis.groups)
     assert [g.size for g in analysis.prunable_groups if g.size > 1] == [6]
+
+
+def test_onnx_attention_op_4d_with_grouped_kv_heads():
+    b = GraphBuilder(opset=23)
+    x = b.input("x", [1, 3, 16])
+
+    def heads(t, count):
+        return b.op("Transpose", [b.op("Reshape", [t, b.ints(1, 3, count, 4)])], perm=[0, 2, 1, 3])
+
+    q = heads(b.op("MatMul", [x, b.w(16, 16)]), 4)
+    k = heads(b.op("MatMul", [x, b.w(16, 8)]), 2)
+    v = heads(b.op("MatMul", [x, b.w(16, 8)]), 2)
+    o = b.op("Transpose", [b.op("Attention", [q, k, v])], perm=[0, 2, 1, 3])
+    y = b.op("MatMul", [b.op("Reshape", [o, b.ints(1, 3, 16)]), b.w(16, 16)])
+    analysis = check_oracle(b.model(y))
+    assert [g.size for g in analysis.prunable_groups if g.size > 1] == [2]
