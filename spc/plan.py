@@ -57,10 +57,12 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
     cost_model = cost_model or CostModel(analysis)
     groups = [g for g in analysis.prunable_groups if g.size > 1]
     order_in_group, entries = {}, []
+    normalised_scores = np.zeros(analysis.atom_count)
     for group in groups:
         values = scores[group.atoms]
         mean = values.mean()
         normalised = values / mean if mean > 0 else values
+        normalised_scores[group.atoms] = normalised
         order = np.argsort(normalised, kind="stable")
         order_in_group[group.id] = group.atoms[order]
         entries.extend((float(normalised[i]), group.id) for i in order)
@@ -102,4 +104,34 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
         else:
             lo = mid + 1
     removed, kept = removal(lo)
+    if 0 < lo:
+        removed, kept = _give_back(removed, kept, by_id, order_in_group, normalised_scores, round_to, measure,
+                                   target)
     return Plan(removed, before, cost_model.evaluate(removed), by, ratio, kept)
+
+
+def _give_back(removed, kept, groups, order_in_group, scores, round_to, measure, target):
+    """Rounding and coupled costs make the bisection overshoot; hand back the most important removed units, group
+    by group, while the budget still holds."""
+    import heapq
+
+    heap = []
+    for gid, group in groups.items():
+        if kept[gid] < group.size:
+            unit = _unit(group, round_to)
+            best = order_in_group[gid][group.size - kept[gid] - 1]
+            heapq.heappush(heap, (-float(scores[best]), gid, unit))
+    while heap:
+        _, gid, unit = heapq.heappop(heap)
+        group = groups[gid]
+        count = min(unit, group.size - kept[gid])
+        back = order_in_group[gid][group.size - kept[gid] - count: group.size - kept[gid]]
+        removed[back] = False
+        if measure(removed) > target:
+            removed[back] = True
+            continue
+        kept[gid] += count
+        if kept[gid] < group.size:
+            nxt = order_in_group[gid][group.size - kept[gid] - 1]
+            heapq.heappush(heap, (-float(scores[nxt]), gid, unit))
+    return removed, kept
