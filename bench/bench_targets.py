@@ -5,7 +5,7 @@ Per model: ONNX Runtime on the dense model, spc x86 dense (sparsity 0), and spc 
 (ORT-dense time / time), measured in one process, interleaved round-robin, medians of per-round ratios; and the max
 abs error of each spc bundle against ONNX Runtime run on the same (sparsified) model, the bundle's model.onnx.
 
-    python bench/bench_targets.py                      # 1 thread (TVM and ORT), writes bench/targets.json
+    python bench/bench_targets.py                      # 1 thread (TVM and ORT); prints the markdown table
     python bench/bench_targets.py --threads 2          # all cores of this machine
     python bench/bench_targets.py --models ffn --rounds 30
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.7,0.8,0.9")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over rounds)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round")
-    p.add_argument("--out", default=str(ROOT / "bench" / "targets.json"))
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                 flush=True,
             )
         results["models"][key] = {"title": title, "rows": rows}
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
 

@@ -57,7 +57,7 @@ def compile_cli(args, progress) -> int:
         return 0
     layers = manifest.get("layers", [])
     if layers:
-        rows = [[layer.get("name", ""), layer.get("op", ""), layer.get("kernel", ""),
+        rows = [[layer.get("node", ""), layer.get("op", ""), layer.get("kernel", ""),
                  f"{layer['density']:.2f}" if isinstance(layer.get("density"), (int, float)) else "",
                  f"{layer['expected_speedup']:.2f}x" if isinstance(layer.get("expected_speedup"), (int, float))
                  else ""] for layer in layers]
@@ -66,7 +66,8 @@ def compile_cli(args, progress) -> int:
         pruning = summary["pruning"]
         print(f"\npruned {pruning['reduction']['macs']:.1%} of MACs ({pruning['speedup_macs']}x fewer) "
               f"with '{pruning['criterion']}'")
-    print(f"compiled for {spec.name}; bundle written to {args.output}")
+    print(f"compiled for {spec.name} (expected speed-up of the sparse layers {manifest.get('expected_speedup')}x); "
+          f"bundle written to {args.output}")
     return 0
 
 

@@ -1,0 +1,1105 @@
+"""Hand-written CPU kernels, generated as TVMScript text and parsed into TIR PrimFuncs.
+
+TVM 0.27's default CPU pipeline leaves matmuls and convolutions as scalar loops and its sparse operators are gone,
+so spc writes the compute-heavy kernels itself. Every kernel is an explicit register-blocked loop nest: a tile of
+accumulators (one small buffer per row, under TVM's 1024-byte stack-alloca limit, so LLVM keeps them in vector
+registers) is updated by ``broadcast(row operand) * vector load(column operand)`` fused multiply-adds over the
+reduction axis, then written once with the epilogue (bias, ReLU) fused in.
+
+Kernels (all float32):
+
+* ``dense_matmul``   Y[m, n] = X[m, k] @ W[k, n] (+ bias, relu) with a constant W packed to [N/NR, K, NR]:
+                     rows of X are broadcast, packed weight panels are vector loads. m may be symbolic.
+* ``bsr_matmul``     the same product with W in block-sparse rows (BSR) over W^T [N, K]; it works on X^T (a
+                     transposed, padded copy made inside the kernel) so it is vectorised over tokens, blocks of
+                     ``br`` output rows x ``bc`` inputs are broadcast, and results are scattered into Y.
+* ``conv2d``         NCHW convolution as W[co, (ci, kh, kw)] @ im2col[(ci, kh, kw), pixels] per image, dense
+                     (packed W broadcast) or BSR (blocks broadcast), vectorised over output pixels.
+* ``batch_matmul``   A[b, m, k] @ B[b, k, n] for two activations (attention), like ``dense_matmul`` with B
+                     packed per call when n is symbolic or not a multiple of the panel width.
+* ``layer_norm``, ``softmax``  over the last axis with vectorised reductions (TVM's legalized reductions are serial
+                     scalar chains) and a polynomial exp.
+
+Tails are handled inside each kernel (clamped/predicated tiles), so no shape restriction reaches the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ACTIVATIONS = (None, "relu")
+
+
+@dataclass(frozen=True)
+class CpuKernelParams:
+    """Register blocking of one CPU target, derived from its vector width and register file."""
+
+    lanes: int  # float32 lanes in one vector register
+    mr: int  # rows of a dense micro-tile (broadcast operand)
+    nr: int  # columns of a dense micro-tile (vector operand), a multiple of lanes
+    ku: int  # unroll of the reduction loop
+    acc_regs: int  # vector registers a BSR tile may use for accumulators
+
+    def __post_init__(self):
+        if self.nr % self.lanes or (self.nr // self.lanes) & (self.nr // self.lanes - 1):
+            raise ValueError(f"nr={self.nr} must be a power-of-two multiple of lanes={self.lanes}")
+
+    def bsr_tile(self, br: int) -> int:
+        """Tokens (pixels) per BSR tile for blocks of ``br`` output rows: fills up to ``acc_regs`` registers."""
+        return self.lanes * max(1, min(8, self.acc_regs // max(br, 1)))
+
+    def bsr_chunk(self, br: int) -> int:
+        """Accumulator buffers hold this many lanes (a power of two vectors: LLVM scalarises odd vector widths,
+        a 96-lane vector ran 30x slower than three of 32); also the width of BSR tail tiles."""
+        tile = self.bsr_tile(br)
+        return 2 * self.lanes if tile % (2 * self.lanes) == 0 else self.lanes
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Src:
+    """Indented TVMScript source builder."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._count = 0
+
+    def fresh(self, prefix: str) -> str:
+        """A new identifier (TVMScript forbids redefining a buffer in one scope)."""
+        self._count += 1
+        return f"{prefix}{self._count}_"
+
+    def __call__(self, indent: int, text: str) -> None:
+        self.lines.append("    " * indent + text)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+_PARSED: dict[str, object] = {}  # TVMScript source (name-independent) -> PrimFunc; parsing costs ~0.5 s
+
+
+def _parse(src: str, name: str, attrs: dict | None = None):
+    import tvm
+    from tvm.script import tirx as T
+
+    key = src.replace(f"def {name}(", "def kernel(", 1)
+    func = _PARSED.get(key)
+    if func is None:
+        try:
+            func = tvm.script.from_source(key, extra_vars={"T": T})
+        except Exception as exc:  # pragma: no cover - a generator bug, show the source
+            raise RuntimeError(f"spc kernel generator produced invalid TVMScript for {name}:\n{src}") from exc
+        if len(_PARSED) > 256:
+            _PARSED.clear()
+        _PARSED[key] = func
+    func = func.with_attr("global_symbol", name)
+    func = func.with_attr("tirx.is_scheduled", True)
+    for key, value in (attrs or {}).items():
+        func = func.with_attr(key, value)
+    return func
+
+
+def _epilogue(val: str, bias: str | None, act: str | None) -> str:
+    if bias is not None:
+        val = f"{val} + {bias}"
+    if act == "relu":
+        val = f"T.max({val}, T.float32(0))"
+    elif act is not None:
+        raise ValueError(f"unsupported fused activation {act!r}")
+    return val
+
+
+def _dim(value) -> str:
+    """A static int or the name of a symbolic int64 variable."""
+    return str(value)
+
+
+def _spill(a: _Src, ind: int, acc: str, width: int) -> str:
+    """Copy accumulator ``acc`` (registers) to a stack scratch so that a guarded, non-unrolled loop can read it.
+
+    Indexing the accumulators themselves with a loop variable would force them into memory for the whole
+    reduction; unrolling guarded stores instead makes LLVM very slow."""
+    scratch = a.fresh("sp")
+    a(ind, f'{scratch} = T.alloc_buffer(({width},), "float32")')
+    a(ind, f"for v in T.vectorized({width}):")
+    a(ind + 1, f"{scratch}[v] = {acc}[v]")
+    return scratch
+
+
+def _tile_accumulate(
+    a: _Src,
+    ind: int,
+    *,
+    rows: int,
+    width: int,
+    k_extent: str,
+    k_static: int | None,
+    ku: int,
+    bcast,
+    vload,
+) -> str:
+    """Zero ``rows`` accumulators of ``width`` lanes, then acc[i] += bcast(i, k) * vload(k) over k.
+
+    Returns the accumulator name prefix: buffers are ``{prefix}{i}``.
+    """
+    tag = a.fresh("acc")
+    for i in range(rows):
+        a(ind, f'{tag}{i} = T.alloc_buffer(({width},), "float32")')
+    for i in range(rows):
+        a(ind, f"for v in T.vectorized({width}):")
+        a(ind + 1, f"{tag}{i}[v] = T.float32(0)")
+
+    def body(ind2: int, k: str) -> None:
+        for i in range(rows):
+            a(ind2, f"for v in T.vectorized({width}):")
+            a(ind2 + 1, f"{tag}{i}[v] = {tag}{i}[v] + {bcast(i, k)} * {vload(k, 'v')}")
+
+    if k_static is not None:
+        full, rest = divmod(k_static, ku)
+        if full:
+            a(ind, f"for ko in range({full}):")
+            a(ind + 1, f"for ku in T.unroll({ku}):")
+            body(ind + 2, f"ko * {ku} + ku")
+        if rest:
+            a(ind, f"for kt in T.unroll({rest}):")
+            body(ind + 1, f"{full * ku} + kt")
+    else:
+        a(ind, f"for ko in range({k_extent} // {ku}):")
+        a(ind + 1, f"for ku in T.unroll({ku}):")
+        body(ind + 2, f"ko * {ku} + ku")
+        a(ind, f"for kt in range({k_extent} % {ku}):")
+        body(ind + 1, f"{k_extent} // {ku} * {ku} + kt")
+    return tag
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dense matmul with a constant weight
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kernel:
+    """A generated PrimFunc and the constant arrays (already laid out) it takes after the activation input."""
+
+    name: str
+    func: object
+    consts: list[np.ndarray]
+    source: str
+
+
+def pack_dense_weight(w_kn: np.ndarray, nr: int) -> np.ndarray:
+    """[K, N] -> [ceil(N/nr), K, nr], zero padded."""
+    k, n = w_kn.shape
+    np_ = _ceil(n, nr)
+    padded = np.zeros((k, np_ * nr), dtype=np.float32)
+    padded[:, :n] = w_kn
+    return np.ascontiguousarray(padded.reshape(k, np_, nr).transpose(1, 0, 2))
+
+
+def _row_tiles(
+    a: _Src,
+    ind: int,
+    *,
+    m: str,
+    m_static: int | None,
+    mr: int,
+    tile: str,
+    emit_tile,
+) -> None:
+    """Dispatch tile index ``tile`` (0 .. ceil(m/mr)-1): full tiles of mr rows, the last one split into 4s and 1s.
+
+    ``emit_tile(ind, rows, row0)`` writes one micro-kernel for ``rows`` rows starting at the row expression row0.
+    """
+    if m_static is not None and m_static % mr == 0:
+        emit_tile(ind, mr, f"{tile} * {mr}")
+        return
+    if m_static is not None and m_static < mr:
+        tail = m_static
+        a(ind, "if True:")
+    else:
+        a(ind, f"if {tile} < {m} // {mr}:")
+        emit_tile(ind + 1, mr, f"{tile} * {mr}")
+        a(ind, "else:")
+        tail = None
+    base = f"{m} // {mr} * {mr}"
+    if tail is not None:  # static tail, fully known
+        row = 0
+        for rows in (4, 1):
+            while tail - row >= rows and (rows == 1 or mr > 4):
+                emit_tile(ind + 1, rows, f"{base} + {row}")
+                row += rows
+        return
+    rest = f"({m} - {base})"
+    if mr > 4:
+        a(ind + 1, f"for q in range({rest} // 4):")
+        emit_tile(ind + 2, 4, f"{base} + q * 4")
+        a(ind + 1, f"for q in range({rest} % 4):")
+        emit_tile(ind + 2, 1, f"{base} + {rest} // 4 * 4 + q")
+    else:
+        a(ind + 1, f"for q in range({rest}):")
+        emit_tile(ind + 2, 1, f"{base} + q")
+
+
+def dense_matmul(
+    name: str,
+    w_kn: np.ndarray,
+    bias: np.ndarray | None,
+    act: str | None,
+    params: CpuKernelParams,
+    m_static: int | None = None,
+) -> Kernel:
+    """Y[m, N] = X[m, K] @ W[K, N] (+ bias) (relu). m is symbolic unless m_static is given."""
+    k_dim, n_dim = (int(d) for d in w_kn.shape)
+    nr, ku = params.nr, params.ku
+    mr = _choose_mr(params, m_static)
+    np_ = _ceil(n_dim, nr)
+    full_panels = n_dim // nr
+    m = "m" if m_static is None else str(m_static)
+    mt = f"(({m} + {mr - 1}) // {mr})"
+    a = _Src()
+    args = ["x: T.handle", "w: T.handle"] + (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
+    a(0, "@T.prim_func")
+    a(0, f"def {name}({', '.join(args)}):")
+    a(1, 'T.func_attr({"tir.noalias": True})')
+    if m_static is None:
+        a(1, "m = T.int64()")
+    a(1, f'X = T.match_buffer(x, ({m}, {k_dim}), "float32")')
+    a(1, f'W = T.match_buffer(w, ({np_}, {k_dim}, {nr}), "float32")')
+    if bias is not None:
+        a(1, f'B = T.match_buffer(b, ({n_dim},), "float32")')
+    a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
+    a(1, f"for t in T.parallel({np_} * {mt}):")
+    panel = f"(t // {mt})"
+    tile = f"(t % {mt})"
+
+    def emit_tile(ind: int, rows: int, row0: str) -> None:
+        acc = _tile_accumulate(
+            a,
+            ind,
+            rows=rows,
+            width=nr,
+            k_extent=str(k_dim),
+            k_static=k_dim,
+            ku=ku,
+            bcast=lambda i, k: f"X[{row0} + {i}, {k}]",
+            vload=lambda k, v: f"W[{panel}, {k}, {v}]",
+        )
+
+        def store(ind2: int, width_expr: str, vec: bool) -> None:
+            for i in range(rows):
+                col = f"{panel} * {nr} + v"
+                val = _epilogue(f"{acc}{i}[v]", f"B[{col}]" if bias is not None else None, act)
+                if vec:
+                    a(ind2, f"for v in T.vectorized({nr}):")
+                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+                else:
+                    scratch = _spill(a, ind2, f"{acc}{i}", nr)
+                    val = _epilogue(f"{scratch}[v]", f"B[{col}]" if bias is not None else None, act)
+                    a(ind2, f"for v in range({width_expr}):")
+                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+
+        if n_dim % nr == 0:
+            store(ind, "", True)
+        else:
+            if full_panels:
+                a(ind, f"if {panel} < {full_panels}:")
+                store(ind + 1, "", True)
+                a(ind, "else:")
+                store(ind + 1, str(n_dim - full_panels * nr), False)
+            else:
+                store(ind, str(n_dim), False)
+
+    _row_tiles(a, 2, m=m, m_static=m_static, mr=mr, tile=tile, emit_tile=emit_tile)
+    src = a.text()
+    consts = [pack_dense_weight(w_kn, nr)]
+    if bias is not None:
+        consts.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(n_dim))
+    return Kernel(name, _parse(src, name), consts, src)
+
+
+def _choose_mr(params: CpuKernelParams, m_static: int | None) -> int:
+    mr = params.mr
+    if m_static is None or m_static % mr == 0:
+        return mr
+    # A static row count: prefer a tile height that divides it (no tail) if one is at least two thirds of mr.
+    for cand in range(mr, max(4, (2 * mr) // 3) - 1, -1):
+        if m_static % cand == 0:
+            return cand
+    return mr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# block-sparse (BSR) weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BSR:
+    """Block-sparse rows of a weight viewed as [out, in]: blocks of br outputs x bc inputs."""
+
+    data: np.ndarray  # [nnz, br, bc]
+    indices: np.ndarray  # [nnz] block column (input) index, int32
+    indptr: np.ndarray  # [n_block_rows + 1], int32
+    shape: tuple[int, int]  # (out, in) of the unpadded weight
+    block: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def density(self) -> float:
+        out, inp = self.shape
+        br, bc = self.block
+        total = _ceil(out, br) * _ceil(inp, bc)
+        return self.nnz / total if total else 0.0
+
+
+def to_bsr(w_out_in: np.ndarray, block: tuple[int, int]) -> BSR:
+    """Convert a dense [out, in] weight to BSR with blocks (br, bc); zero blocks are dropped, tails zero padded."""
+    out, inp = (int(d) for d in w_out_in.shape)
+    br, bc = block
+    nbr, nbc = _ceil(out, br), _ceil(inp, bc)
+    padded = np.zeros((nbr * br, nbc * bc), dtype=np.float32)
+    padded[:out, :inp] = w_out_in
+    blocks = padded.reshape(nbr, br, nbc, bc).transpose(0, 2, 1, 3)  # [nbr, nbc, br, bc]
+    nonzero = np.any(blocks != 0, axis=(2, 3))
+    rows, cols = np.nonzero(nonzero)
+    data = blocks[rows, cols]
+    indptr = np.zeros(nbr + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=nbr), out=indptr[1:])
+    if data.shape[0] == 0:  # keep buffers non-empty; indptr says there is nothing to read
+        data = np.zeros((1, br, bc), dtype=np.float32)
+        cols = np.zeros(1, dtype=np.int64)
+    return BSR(
+        np.ascontiguousarray(data, dtype=np.float32),
+        np.ascontiguousarray(cols, dtype=np.int32),
+        indptr,
+        (out, inp),
+        (br, bc),
+    )
+
+
+TILE_MAJOR = True  # tasks ordered token tile first: one tile of XT is shared by consecutive block rows (~8% faster)
+SCALED_INDICES = True  # pre-multiply block indices into row offsets where the activation layout is static
+BSR_UNROLL = 1  # blocks per iteration of the block loop (2 and 4 measured no faster on AVX-512)
+
+
+def _bsr_accumulate(
+    a: _Src,
+    ind: int,
+    *,
+    br: int,
+    bc: int,
+    vt: int,
+    chunk: int,
+    block_row: str,
+    vload,
+    row_stride: int | None = None,
+) -> tuple[str, list[int]]:
+    """acc{r}_{c}[chunk] (r < br, c < vt / chunk) += D[j, r, :] * vload(k, c * chunk + v) over the blocks j of
+    ``block_row``. Returns the buffer prefix and the chunk offsets.
+
+    With ``row_stride`` the indices I are pre-multiplied by bc * row_stride (see ``scaled_indices``) and vload
+    receives the element offset of the row instead of its index (saves the multiply per block)."""
+    tag = a.fresh("acc")
+    offsets = list(range(0, vt, chunk))
+    # int64 loop bounds: an int32 loop variable costs a sign extension per block in the address arithmetic
+    start, stop = f'T.Cast("int64", P[{block_row}])', f'T.Cast("int64", P[{block_row} + 1])'
+    for r in range(br):
+        for c, _ in enumerate(offsets):
+            a(ind, f'{tag}{r}_{c} = T.alloc_buffer(({chunk},), "float32")')
+    for r in range(br):
+        for c, _ in enumerate(offsets):
+            a(ind, f"for v in T.vectorized({chunk}):")
+            a(ind + 1, f"{tag}{r}_{c}[v] = T.float32(0)")
+
+    def body(ind2: int, j: str) -> None:
+        for cc in range(bc):
+            if row_stride is not None:
+                kexpr = f"I[{j}] + {cc * row_stride}" if cc else f"I[{j}]"
+            else:
+                kexpr = f"I[{j}] * {bc} + {cc}" if bc > 1 else f"I[{j}]"
+            for r in range(br):
+                for c, off in enumerate(offsets):
+                    a(ind2, f"for v in T.vectorized({chunk}):")
+                    a(ind2 + 1, f"{tag}{r}_{c}[v] = {tag}{r}_{c}[v] + D[{j}, {r}, {cc}] * {vload(kexpr, f'{off} + v')}")
+
+    u = BSR_UNROLL
+    if u <= 1:
+        a(ind, f"for j in range({start}, {stop}):")
+        body(ind + 1, "j")
+    else:
+        a(ind, f"for jj in range(({stop} - {start}) // {u}):")
+        for q in range(u):
+            body(ind + 1, f"{start} + jj * {u} + {q}")
+        a(ind, f"for jt in range(({stop} - {start}) % {u}):")
+        body(ind + 1, f"{start} + ({stop} - {start}) // {u} * {u} + jt")
+    return tag, offsets
+
+
+def scaled_indices(bsr: BSR, row_stride: int) -> np.ndarray:
+    """Block column indices as element offsets of the first input row of each block (int32)."""
+    scaled = bsr.indices.astype(np.int64) * bsr.block[1] * row_stride
+    if scaled.size and scaled.max() >= 2**31:
+        raise ValueError("activation buffer too large for int32 offsets")
+    return scaled.astype(np.int32)
+
+
+def _bsr_buffers(a: _Src, bsr: BSR) -> None:
+    br, bc = bsr.block
+    a(1, f'D = T.match_buffer(d, ({bsr.data.shape[0]}, {br}, {bc}), "float32")')
+    a(1, f'I = T.match_buffer(i, ({bsr.indices.shape[0]},), "int32")')
+    a(1, f'P = T.match_buffer(p, ({bsr.indptr.shape[0]},), "int32")')
+
+
+def _token_tile(params: CpuKernelParams, br: int, m_static: int | None) -> int:
+    """Tokens per full BSR tile: the widest register tile, unless a narrower one (down to 4 vectors) divides a static
+    token count (128 tokens: 2 x 64 beats 96 + a half-efficient 32-token tail)."""
+    full = params.bsr_tile(br)
+    if m_static is None or m_static % full == 0:
+        return full
+    chunk = params.bsr_chunk(br)
+    for cand in range(full - chunk, 4 * params.lanes - 1, -chunk):
+        if m_static % cand == 0:
+            return cand
+    return full
+
+
+def bsr_matmul(
+    name: str,
+    bsr: BSR,
+    bias: np.ndarray | None,
+    act: str | None,
+    params: CpuKernelParams,
+    m_static: int | None = None,
+) -> Kernel:
+    """Y[m, N] = X[m, K] @ W[K, N] with W^T = bsr ([N, K]); vectorised over m through a transposed copy of X."""
+    n_dim, k_dim = bsr.shape
+    br, bc = bsr.block
+    vt = _token_tile(params, br, m_static)
+    nbr = _ceil(n_dim, br)
+    kp = _ceil(k_dim, bc) * bc
+    m = "m" if m_static is None else str(m_static)
+    mtv = f"(({m} + {vt - 1}) // {vt})"
+    chunk = params.bsr_chunk(br)
+    # XT is flat when m is static (row offsets are then pre-multiplied into the block indices)
+    flat = m_static is not None and SCALED_INDICES
+    mp = _ceil(m_static, vt) * vt if flat else None
+    a = _Src()
+    args = ["x: T.handle", "d: T.handle", "i: T.handle", "p: T.handle"]
+    args += (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
+    a(0, "@T.prim_func")
+    a(0, f"def {name}({', '.join(args)}):")
+    a(1, 'T.func_attr({"tir.noalias": True})')
+    if m_static is None:
+        a(1, "m = T.int64()")
+    a(1, f'X = T.match_buffer(x, ({m}, {k_dim}), "float32")')
+    _bsr_buffers(a, bsr)
+    if bias is not None:
+        a(1, f'B = T.match_buffer(b, ({n_dim},), "float32")')
+    a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
+    # stage 1: XT[k, token] (tokens padded to the tile, padded K rows and tokens are zero)
+    if flat:
+        a(1, f'XT = T.alloc_buffer(({kp * mp},), "float32")')
+    else:
+        a(1, f'XT = T.alloc_buffer(({kp}, {mtv} * {vt}), "float32")')
+    a(1, f"for tt in T.parallel({mtv}):")
+    a(2, f"for kk in range({kp}):")
+    a(3, f"for v in T.vectorized({vt}):")
+    dst = f"XT[kk * {mp} + tt * {vt} + v]" if flat else f"XT[kk, tt * {vt} + v]"
+    a(
+        4,
+        f"{dst} = T.if_then_else(tt * {vt} + v < {m} and kk < {k_dim}, "
+        f"X[T.min(tt * {vt} + v, {m} - 1), T.min(kk, {k_dim - 1})], T.float32(0))",
+    )
+    # stage 2: tiles of (block row, tokens): full tiles of vt tokens, then the tail in tiles of one chunk
+    if m_static is not None:
+        n_full, n_tail = m_static // vt, _ceil(m_static % vt, chunk)
+        n_tiles = str(n_full + n_tail)
+    else:
+        n_full = n_tail = None
+        n_tiles = f"({m} // {vt} + ({m} % {vt} + {chunk - 1}) // {chunk})"
+    a(1, f"for t in T.parallel({nbr} * {n_tiles}):")
+    if TILE_MAJOR:
+        block_row = f"(t % {nbr})"
+        tile = f"(t // {nbr})"
+    else:
+        block_row = f"(t // {n_tiles})"
+        tile = f"(t % {n_tiles})"
+
+    def emit(ind: int, width: int, tok0: str, guard: bool) -> None:
+        acc, offsets = _bsr_accumulate(
+            a,
+            ind,
+            br=br,
+            bc=bc,
+            vt=width,
+            chunk=chunk,
+            block_row=block_row,
+            vload=(lambda k, v: f"XT[{k} + {tok0} + {v}]") if flat else (lambda k, v: f"XT[{k}, {tok0} + {v}]"),
+            row_stride=mp,
+        )
+
+        def store_scalar(ind: int) -> None:
+            """One float per store (tails), read back from a stack copy of the accumulators."""
+            for r in range(br):
+                ind2 = ind
+                col = f"{block_row} * {br} + {r}"
+                if n_dim % br:
+                    a(ind2, f"if {col} < {n_dim}:")
+                    ind2 += 1
+                for c, off in enumerate(offsets):
+                    scratch = _spill(a, ind2, f"{acc}{r}_{c}", chunk)
+                    val = _epilogue(f"{scratch}[v]", f"B[{col}]" if bias is not None else None, act)
+                    count = f"T.max(T.min({m} - ({tok0}) - {off}, {chunk}), 0)" if guard else str(chunk)
+                    a(ind2, f"for v in range({count}):")
+                    a(ind2 + 1, f"Y[{tok0} + {off} + v, {col}] = {val}")
+
+        def store_rows(ind: int) -> None:
+            """Transpose through a small stack scratch so that each token writes its br outputs at once."""
+            for c, off in enumerate(offsets):
+                scratch = a.fresh("tr")
+                a(ind, f'{scratch} = T.alloc_buffer(({br}, {chunk}), "float32")')
+                for r in range(br):
+                    a(ind, f"for v in T.vectorized({chunk}):")
+                    a(ind + 1, f"{scratch}[{r}, v] = {acc}{r}_{c}[v]")
+                a(ind, f"for v in range({chunk}):")
+                col = f"{block_row} * {br} + r"
+                val = _epilogue(f"{scratch}[r, v]", f"B[{col}]" if bias is not None else None, act)
+                a(ind + 1, f"for r in T.vectorized({br}):")
+                a(ind + 2, f"Y[{tok0} + {off} + v, {col}] = {val}")
+
+        store_full = store_rows
+        if guard or n_dim % br and nbr == 1:
+            store_scalar(ind)
+        elif n_dim % br == 0:
+            store_full(ind)
+        else:
+            a(ind, f"if {block_row} < {nbr - 1}:")
+            store_full(ind + 1)
+            a(ind, "else:")
+            store_scalar(ind + 1)
+
+    full = (vt, f"{tile} * {vt}", False)
+    tail = (chunk, f"{m} // {vt} * {vt} + ({tile} - {m} // {vt}) * {chunk}", True)
+    if n_full is not None and n_tail == 0:
+        emit(2, *full)
+    elif n_full == 0:
+        emit(2, *tail)
+    else:
+        a(2, f"if {tile} < {m} // {vt}:")
+        emit(3, *full)
+        a(2, "else:")
+        emit(3, *tail)
+    src = a.text()
+    consts = [bsr.data, scaled_indices(bsr, mp) if flat else bsr.indices, bsr.indptr]
+    if bias is not None:
+        consts.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(n_dim))
+    return Kernel(name, _parse(src, name), consts, src)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# conv2d (NCHW / OIHW, groups == 1) through im2col, dense or BSR weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    pad: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+
+    @property
+    def oh(self) -> int:
+        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def k(self) -> int:
+        return self.c_in * self.kh * self.kw
+
+    @property
+    def pixels(self) -> int:
+        return self.oh * self.ow
+
+    @property
+    def direct(self) -> bool:
+        """1x1, stride 1, no padding: the input already is the im2col matrix."""
+        return (
+            self.kh == 1
+            and self.kw == 1
+            and self.stride == (1, 1)
+            and self.pad == (0, 0, 0, 0)
+        )
+
+
+def pack_conv_weight(w_out_in: np.ndarray, mr: int) -> np.ndarray:
+    """[Co, K] -> [ceil(Co/mr), K, mr] so that the mr output channels of one k are adjacent (broadcasts)."""
+    co, k = w_out_in.shape
+    cot = _ceil(co, mr)
+    padded = np.zeros((cot * mr, k), dtype=np.float32)
+    padded[:co] = w_out_in
+    return np.ascontiguousarray(padded.reshape(cot, mr, k).transpose(0, 2, 1))
+
+
+def _im2col(a: _Src, g: ConvGeom, tile: int, ind: int = 2, flat: bool = False) -> None:
+    """XC[k, p] for image n (loop variable ``n``), pixels padded to a multiple of ``tile`` with zeros.
+
+    The valid output-column range of each kernel column is computed here (static geometry), so the copy loops have
+    no per-element bounds checks (contiguous, vectorisable copies for stride 1)."""
+    pp = _ceil(g.pixels, tile) * tile
+
+    def xc(k: str, p: str) -> str:
+        return f"XC[({k}) * {pp} + {p}]" if flat else f"XC[{k}, {p}]"
+    sh, sw = g.stride
+    dh, dw = g.dilation
+    pt, pl = g.pad[0], g.pad[1]
+    a(ind, f"for ci in T.parallel({g.c_in}):")
+    a(ind + 1, f"for khi in range({g.kh}):")
+    for kwi in range(g.kw):
+        off = kwi * dw - pl  # iw = ow * sw + off
+        lo = max(0, -(off // sw) if off < 0 else 0)
+        while lo * sw + off < 0:
+            lo += 1
+        hi = g.ow
+        while hi > lo and (hi - 1) * sw + off > g.w - 1:
+            hi -= 1
+        hi = max(hi, lo)
+        kk = f"ci * {g.kh * g.kw} + khi * {g.kw} + {kwi}"
+        ih = f"oh * {sh} + khi * {dh} - {pt}"
+        a(ind + 2, f"for oh in range({g.oh}):")
+        a(ind + 3, f"if {ih} >= 0 and {ih} < {g.h}:")
+        if lo > 0:
+            a(ind + 4, f"for ow in range({lo}):")
+            a(ind + 5, f"{xc(kk, f'oh * {g.ow} + ow')} = T.float32(0)")
+        if hi > lo:
+            a(ind + 4, f"for ow in range({hi - lo}):")
+            a(ind + 5, f"{xc(kk, f'oh * {g.ow} + {lo} + ow')} = X[n, ci, {ih}, (ow + {lo}) * {sw} + {off}]")
+        if hi < g.ow:
+            a(ind + 4, f"for ow in range({g.ow - hi}):")
+            a(ind + 5, f"{xc(kk, f'oh * {g.ow} + {hi} + ow')} = T.float32(0)")
+        a(ind + 3, "else:")
+        a(ind + 4, f"for ow in range({g.ow}):")
+        a(ind + 5, f"{xc(kk, f'oh * {g.ow} + ow')} = T.float32(0)")
+        if pp > g.pixels:
+            a(ind + 2, f"for q in range({pp - g.pixels}):")
+            a(ind + 3, f"{xc(kk, f'{g.pixels} + q')} = T.float32(0)")
+
+
+def _conv_tile(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
+    """Pixels per tile: dense uses nr; BSR the widest of (full BSR tile, 4 vectors, 2 vectors) dividing the pixel
+    count (no tail tile), else the full BSR tile."""
+    if block is None:
+        return params.nr
+    full = params.bsr_tile(block[0])
+    chunk = params.bsr_chunk(block[0])
+    for cand in (full, 4 * params.lanes, 2 * params.lanes):
+        if cand <= full and cand % chunk == 0 and g.pixels % cand == 0:
+            return cand
+    return full
+
+
+def conv2d_takes_flat_input(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> bool:
+    return g.direct and g.pixels % _conv_tile(g, params, block) == 0
+
+
+def _conv_head(a: _Src, name: str, g: ConvGeom, args: list[str], n_static: int | None, flat: bool) -> str:
+    n = "n_batch" if n_static is None else str(n_static)
+    a(0, "@T.prim_func")
+    a(0, f"def {name}({', '.join(args)}):")
+    a(1, 'T.func_attr({"tir.noalias": True})')
+    if n_static is None:
+        a(1, "n_batch = T.int64()")
+    if flat:
+        a(1, f'X = T.match_buffer(x, ({n}, {g.c_in}, {g.h * g.w}), "float32")')
+    else:
+        a(1, f'X = T.match_buffer(x, ({n}, {g.c_in}, {g.h}, {g.w}), "float32")')
+    return n
+
+
+def conv2d(
+    name: str,
+    g: ConvGeom,
+    w_out_in: np.ndarray,
+    bias: np.ndarray | None,
+    act: str | None,
+    params: CpuKernelParams,
+    bsr: BSR | None = None,
+    n_static: int | None = None,
+) -> Kernel:
+    """Y[n, co, oh * OW + ow] = sum W[co, ci, kh, kw] X[n, ci, ...] (+ bias) (relu); dense if bsr is None.
+
+    The output is flat over pixels ([N, Co, OH*OW]); for a direct (1x1, stride 1, unpadded) convolution whose
+    pixel count fills whole tiles the input is flat too ([N, Ci, H*W]), otherwise it is [N, Ci, H, W]. The
+    caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which.
+    """
+    sparse = bsr is not None
+    if sparse:
+        br, bc = bsr.block
+        tile_w = _conv_tile(g, params, bsr.block)
+        rows = br
+        n_row_tiles = _ceil(g.c_out, br)
+    else:
+        tile_w = params.nr
+        rows = _choose_mr(params, g.c_out)
+        n_row_tiles = _ceil(g.c_out, rows)
+    p = g.pixels
+    n_ptiles = _ceil(p, tile_w)
+    pp = n_ptiles * tile_w
+    full_ptiles = p // tile_w
+    a = _Src()
+    if sparse:
+        args = ["x: T.handle", "d: T.handle", "i: T.handle", "p: T.handle"]
+    else:
+        args = ["x: T.handle", "w: T.handle"]
+    args += (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
+    use_direct = g.direct and p % tile_w == 0
+    n = _conv_head(a, name, g, args, n_static, use_direct)
+    if sparse:
+        _bsr_buffers(a, bsr)
+    else:
+        a(1, f'W = T.match_buffer(w, ({n_row_tiles}, {g.k}, {rows}), "float32")')
+    if bias is not None:
+        a(1, f'B = T.match_buffer(b, ({g.c_out},), "float32")')
+    a(1, f'Y = T.match_buffer(y, ({n}, {g.c_out}, {p}), "float32")')
+    flat_xc = sparse and not use_direct and SCALED_INDICES  # BSR reads rows at pre-multiplied offsets
+    if not use_direct:
+        a(1, f'XC = T.alloc_buffer(({g.k * pp if flat_xc else f"{g.k}, {pp}"},), "float32")')
+    a(1, f"for n in range({n}):")
+    if use_direct:
+
+        def vload(k: str, v: str, tile: str) -> str:
+            return f"X[n, {k}, {tile} * {tile_w} + {v}]"
+
+    else:
+        _im2col(a, g, tile_w, flat=flat_xc)
+
+        def vload(k: str, v: str, tile: str) -> str:
+            if flat_xc:
+                return f"XC[{k} + {tile} * {tile_w} + {v}]"
+            return f"XC[{k}, {tile} * {tile_w} + {v}]"
+
+    # pixel-tile major: one pixel tile of XC stays in cache while all output-channel tiles use it
+    a(2, f"for t in T.parallel({n_row_tiles * n_ptiles}):")
+    row_tile = f"(t % {n_row_tiles})"
+    ptile = f"(t // {n_row_tiles})"
+    if sparse:
+        acc, offsets = _bsr_accumulate(
+            a,
+            3,
+            br=br,
+            bc=bc,
+            vt=tile_w,
+            chunk=params.bsr_chunk(br),
+            block_row=row_tile,
+            vload=lambda k, v: vload(k, v, ptile),
+            row_stride=pp if flat_xc else None,
+        )
+        bufs = [[(f"{acc}{r}_{c}", off, params.bsr_chunk(br)) for c, off in enumerate(offsets)] for r in range(rows)]
+    else:
+        acc = _tile_accumulate(
+            a,
+            3,
+            rows=rows,
+            width=tile_w,
+            k_extent=str(g.k),
+            k_static=g.k,
+            ku=params.ku,
+            bcast=lambda i, k: f"W[{row_tile}, {k}, {i}]",
+            vload=lambda k, v: vload(k, v, ptile),
+        )
+        bufs = [[(f"{acc}{r}", 0, tile_w)] for r in range(rows)]
+
+    def store(ind: int, vec: bool) -> None:
+        for r in range(rows):
+            ind2 = ind
+            co = f"{row_tile} * {rows} + {r}"
+            if g.c_out % rows:
+                a(ind2, f"if {co} < {g.c_out}:")
+                ind2 += 1
+            for buf, off, size in bufs[r]:
+                if vec:
+                    a(ind2, f"for v in T.vectorized({size}):")
+                    val = _epilogue(f"{buf}[v]", f"B[{co}]" if bias is not None else None, act)
+                else:
+                    rest = p - full_ptiles * tile_w - off
+                    if rest <= 0:
+                        continue
+                    scratch = _spill(a, ind2, buf, size)
+                    a(ind2, f"for v in range({min(rest, size)}):")
+                    val = _epilogue(f"{scratch}[v]", f"B[{co}]" if bias is not None else None, act)
+                a(ind2 + 1, f"Y[n, {co}, {ptile} * {tile_w} + {off} + v] = {val}")
+
+    if p % tile_w == 0:
+        store(3, True)
+    elif full_ptiles:
+        a(3, f"if {ptile} < {full_ptiles}:")
+        store(4, True)
+        a(3, "else:")
+        store(4, False)
+    else:
+        store(3, False)
+    src = a.text()
+    if sparse:
+        consts = [bsr.data, scaled_indices(bsr, pp) if flat_xc else bsr.indices, bsr.indptr]
+    else:
+        consts = [pack_conv_weight(w_out_in, rows)]
+    if bias is not None:
+        consts.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(g.c_out))
+    return Kernel(name, _parse(src, name), consts, src)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batch matmul of two activations
+# --------------------------------------------------------------------------------------------------------------
+
+
+def batch_matmul(
+    name: str,
+    params: CpuKernelParams,
+    batch: int | None,
+    m_static: int | None,
+    k_static: int | None,
+    n_static: int | None,
+) -> Kernel:
+    """C[b, m, n] = A[b, m, k] @ B[b, k, n]; any of b, m, k, n may be symbolic (None)."""
+    nr, ku = params.nr, params.ku
+    mr = _choose_mr(params, m_static)
+    bs = "bb" if batch is None else str(batch)
+    m = "m" if m_static is None else str(m_static)
+    k = "kd" if k_static is None else str(k_static)
+    n = "nd" if n_static is None else str(n_static)
+    pack = n_static is None or n_static % nr != 0
+    np_ = f"(({n} + {nr - 1}) // {nr})"
+    mt = f"(({m} + {mr - 1}) // {mr})"
+    a = _Src()
+    a(0, "@T.prim_func")
+    a(0, f"def {name}(a: T.handle, b: T.handle, c: T.handle):")
+    a(1, 'T.func_attr({"tir.noalias": True})')
+    for sym, static in (("bb", batch), ("m", m_static), ("kd", k_static), ("nd", n_static)):
+        if static is None:
+            a(1, f"{sym} = T.int64()")
+    a(1, f'A = T.match_buffer(a, ({bs}, {m}, {k}), "float32")')
+    a(1, f'B = T.match_buffer(b, ({bs}, {k}, {n}), "float32")')
+    a(1, f'C = T.match_buffer(c, ({bs}, {m}, {n}), "float32")')
+    if pack:
+        a(1, f'BP = T.alloc_buffer(({bs}, {np_}, {k}, {nr}), "float32")')
+        a(1, f"for t in T.parallel({bs} * {np_}):")
+        a(2, f"for kk in range({k}):")
+        a(3, f"for v in T.vectorized({nr}):")
+        col = f"t % {np_} * {nr} + v"
+        a(
+            4,
+            f"BP[t // {np_}, t % {np_}, kk, v] = T.if_then_else({col} < {n}, "
+            f"B[t // {np_}, kk, T.min({col}, {n} - 1)], T.float32(0))",
+        )
+    a(1, f"for t in T.parallel({bs} * {np_} * {mt}):")
+    bidx = f"(t // ({np_} * {mt}))"
+    panel = f"(t % ({np_} * {mt}) // {mt})"
+    tile = f"(t % {mt})"
+    full_panels = None if n_static is None else n_static // nr
+
+    def vload(kx: str, v: str) -> str:
+        if pack:
+            return f"BP[{bidx}, {panel}, {kx}, {v}]"
+        return f"B[{bidx}, {kx}, {panel} * {nr} + {v}]"
+
+    def emit_tile(ind: int, rows: int, row0: str) -> None:
+        acc = _tile_accumulate(
+            a,
+            ind,
+            rows=rows,
+            width=nr,
+            k_extent=k,
+            k_static=k_static,
+            ku=ku,
+            bcast=lambda i, kx: f"A[{bidx}, {row0} + {i}, {kx}]",
+            vload=vload,
+        )
+
+        def store(ind2: int, vec: bool) -> None:
+            for i in range(rows):
+                if vec:
+                    a(ind2, f"for v in T.vectorized({nr}):")
+                    a(ind2 + 1, f"C[{bidx}, {row0} + {i}, {panel} * {nr} + v] = {acc}{i}[v]")
+                else:
+                    scratch = _spill(a, ind2, f"{acc}{i}", nr)
+                    a(ind2, f"for v in range(T.min({n} - {panel} * {nr}, {nr})):")
+                    a(ind2 + 1, f"C[{bidx}, {row0} + {i}, {panel} * {nr} + v] = {scratch}[v]")
+
+        if not pack:
+            store(ind, True)
+        else:
+            cond = f"{panel} < {n} // {nr}" if full_panels is None else f"{panel} < {full_panels}"
+            a(ind, f"if {cond}:")
+            store(ind + 1, True)
+            a(ind, "else:")
+            store(ind + 1, False)
+
+    _row_tiles(a, 2, m=m, m_static=m_static, mr=mr, tile=tile, emit_tile=emit_tile)
+    src = a.text()
+    return Kernel(name, _parse(src, name), [], src)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# row-wise normalisations (vectorised reductions: TVM's legalized reductions are serial scalar chains)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fast_exp(x: str) -> str:
+    """exp(x) as a vectorisable polynomial (the scheme of TVM's topi.fast_exp; max rel. error ~3e-7)."""
+    xc = f"T.max(T.min({x}, T.float32(88.3762626647949)), T.float32(-88.3762626647949))"
+    n = f"T.floor({xc} * T.float32(1.44269504088896341) + T.float32(0.5))"
+    r = f"({xc} - {n} * T.float32(0.693147180559945))"
+    p = "T.float32(1.9875691500e-4)"
+    for c in ("1.3981999507e-3", "8.3334519073e-3", "4.1665795894e-2", "1.6666665459e-1", "5.0000001201e-1"):
+        p = f"({p} * {r} + T.float32({c}))"
+    poly = f"({p} * {r} * {r} + {r} + T.float32(1))"
+    two_n = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {n}) + 127, 23))'
+    return f"({poly} * {two_n})"
+
+
+def _row_head(a: _Src, name: str, args: list[str], rows_static: int | None, d: int, bufs: list[tuple[str, str]]):
+    rows = "rows" if rows_static is None else str(rows_static)
+    a(0, "@T.prim_func")
+    a(0, f"def {name}({', '.join(args)}):")
+    a(1, 'T.func_attr({"tir.noalias": True})')
+    if rows_static is None:
+        a(1, "rows = T.int64()")
+    for var, decl in bufs:
+        a(1, f"{var} = T.match_buffer({decl.format(rows=rows, d=d)})")
+    return rows
+
+
+def _lane_sum(a: _Src, ind: int, acc: str, out: str, lanes: int, op: str = "+") -> None:
+    a(ind, f"{out}[0] = {acc}[0]")
+    a(ind, f"for v in T.unroll({lanes - 1}):")
+    if op == "+":
+        a(ind + 1, f"{out}[0] = {out}[0] + {acc}[v + 1]")
+    else:
+        a(ind + 1, f"{out}[0] = T.max({out}[0], {acc}[v + 1])")
+
+
+def layer_norm(
+    name: str, d: int, eps: float, gamma: np.ndarray | None, beta: np.ndarray | None, params: CpuKernelParams,
+    rows_static: int | None = None,
+) -> Kernel:
+    """Y[r, :] = (X[r, :] - mean) / sqrt(var + eps) * gamma + beta over the last axis (length d)."""
+    lanes = params.lanes
+    full, rest = divmod(d, lanes)
+    if gamma is None and beta is None:  # see softmax: keep a second input
+        gamma = np.ones(d, np.float32)
+    args = ["x: T.handle"] + (["g: T.handle"] if gamma is not None else []) + (["b: T.handle"] if beta is not None else [])
+    args.append("y: T.handle")
+    bufs = [("X", 'x, ({rows}, {d}), "float32"')]
+    if gamma is not None:
+        bufs.append(("G", 'g, ({d},), "float32"'))
+    if beta is not None:
+        bufs.append(("Bt", 'b, ({d},), "float32"'))
+    bufs.append(("Y", 'y, ({rows}, {d}), "float32"'))
+    a = _Src()
+    rows = _row_head(a, name, args, rows_static, d, bufs)
+    a(1, f"for r in T.parallel({rows}):")
+    a(2, f'acc = T.alloc_buffer(({lanes},), "float32")')
+    a(2, 'tot = T.alloc_buffer((1,), "float32")')
+    a(2, 'mean = T.alloc_buffer((1,), "float32")')
+    a(2, 'rstd = T.alloc_buffer((1,), "float32")')
+    for phase in ("sum", "var"):
+        a(2, f"for v in T.vectorized({lanes}):")
+        a(3, "acc[v] = T.float32(0)")
+        term = (lambda i: f"X[r, {i}]") if phase == "sum" else (lambda i: f"(X[r, {i}] - mean[0]) * (X[r, {i}] - mean[0])")
+        if full:
+            a(2, f"for q in range({full}):")
+            a(3, f"for v in T.vectorized({lanes}):")
+            a(4, f"acc[v] = acc[v] + {term(f'q * {lanes} + v')}")
+        _lane_sum(a, 2, "acc", "tot", lanes)
+        for i in range(rest):
+            a(2, f"tot[0] = tot[0] + {term(str(full * lanes + i))}")
+        if phase == "sum":
+            a(2, f"mean[0] = tot[0] * T.float32({1.0 / d!r})")
+        else:
+            a(2, f"rstd[0] = T.rsqrt(tot[0] * T.float32({1.0 / d!r}) + T.float32({float(eps)!r}))")
+
+    def norm(i: str) -> str:
+        val = f"(X[r, {i}] - mean[0]) * rstd[0]"
+        if gamma is not None:
+            val = f"{val} * G[{i}]"
+        if beta is not None:
+            val = f"{val} + Bt[{i}]"
+        return val
+
+    if full:
+        a(2, f"for q in range({full}):")
+        a(3, f"for v in T.vectorized({lanes}):")
+        a(4, f"Y[r, q * {lanes} + v] = {norm(f'q * {lanes} + v')}")
+    if rest:
+        a(2, f"for v in range({rest}):")
+        a(3, f"Y[r, {full * lanes} + v] = {norm(f'{full * lanes} + v')}")
+    src = a.text()
+    consts = [np.ascontiguousarray(c, dtype=np.float32).reshape(d) for c in (gamma, beta) if c is not None]
+    return Kernel(name, _parse(src, name), consts, src)
+
+
+def softmax(name: str, d: int, params: CpuKernelParams, rows_static: int | None = None) -> Kernel:
+    """Y[r, :] = softmax(X[r, :]) over the last axis (length d), with a polynomial exp."""
+    lanes = params.lanes
+    full, rest = divmod(d, lanes)
+    a = _Src()
+    # S (a constant 1.0) is a second input only because TVM's reshape detection (RewriteDataflowReshape) asserts
+    # block-form TIR on any function with exactly one input and one output of the same size.
+    rows = _row_head(
+        a, name, ["x: T.handle", "s: T.handle", "y: T.handle"], rows_static, d,
+        [("X", 'x, ({rows}, {d}), "float32"'), ("S", 's, (1,), "float32"'), ("Y", 'y, ({rows}, {d}), "float32"')],
+    )
+    a(1, f"for r in T.parallel({rows}):")
+    a(2, f'acc = T.alloc_buffer(({lanes},), "float32")')
+    a(2, 'mx = T.alloc_buffer((1,), "float32")')
+    a(2, 'tot = T.alloc_buffer((1,), "float32")')
+    # max
+    a(2, f"for v in T.vectorized({lanes}):")
+    a(3, "acc[v] = T.float32(-3.4028234663852886e38)")
+    if full:
+        a(2, f"for q in range({full}):")
+        a(3, f"for v in T.vectorized({lanes}):")
+        a(4, f"acc[v] = T.max(acc[v], X[r, q * {lanes} + v])")
+    _lane_sum(a, 2, "acc", "mx", lanes, op="max")
+    for i in range(rest):
+        a(2, f"mx[0] = T.max(mx[0], X[r, {full * lanes + i}])")
+    # exp and sum (exp written to Y)
+    a(2, f"for v in T.vectorized({lanes}):")
+    a(3, "acc[v] = T.float32(0)")
+    if full:
+        a(2, f"for q in range({full}):")
+        a(3, f"for v in T.vectorized({lanes}):")
+        a(4, f"Y[r, q * {lanes} + v] = {_fast_exp(f'X[r, q * {lanes} + v] - mx[0]')}")
+        a(4, f"acc[v] = acc[v] + Y[r, q * {lanes} + v]")
+    _lane_sum(a, 2, "acc", "tot", lanes)
+    for i in range(rest):
+        j = full * lanes + i
+        a(2, f"Y[r, {j}] = {_fast_exp(f'X[r, {j}] - mx[0]')}")
+        a(2, f"tot[0] = tot[0] + Y[r, {j}]")
+    a(2, "tot[0] = S[0] / tot[0]")
+    if full:
+        a(2, f"for q in range({full}):")
+        a(3, f"for v in T.vectorized({lanes}):")
+        a(4, f"Y[r, q * {lanes} + v] = Y[r, q * {lanes} + v] * tot[0]")
+    if rest:
+        a(2, f"for v in range({rest}):")
+        a(3, f"Y[r, {full * lanes} + v] = Y[r, {full * lanes} + v] * tot[0]")
+    src = a.text()
+    return Kernel(name, _parse(src, name), [np.ones(1, np.float32)], src)

@@ -1,0 +1,74 @@
+"""arm bundles: cross-compiled with aarch64-linux-gnu-gcc, run with TVM's aarch64 runtime under qemu-aarch64 (see
+targets/arm_runtime.py; CI runs `targets/arm_runtime.sh` first) and compared with ONNX Runtime; the library's
+kernels use NEON fused multiply-adds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("torch")
+
+from spc.targets import arm_runtime, bundle_inputs, compile_model, testing  # noqa: E402
+
+if shutil.which("aarch64-linux-gnu-gcc") is None:
+    pytest.skip("aarch64-linux-gnu-gcc is not installed (Debian: gcc-aarch64-linux-gnu)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    try:
+        arm_runtime.ensure(allow_download=True)  # a pip download of the aarch64 wheels, if not cached yet
+    except arm_runtime.ArmRuntimeUnavailable as exc:
+        pytest.skip(f"aarch64 TVM runtime unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arm-mlp")
+    model = testing.mlp(d_in=64, hidden=256, d_out=16)
+    manifest = compile_model(model, "arm", out, sparsity=0.8, input_shapes={"input": [16, 64]})
+    return out, manifest
+
+
+def test_arm_bundle_is_aarch64(mlp_bundle):
+    out, manifest = mlp_bundle
+    assert manifest["target"] == "arm" and manifest["cross_compiler"] == "aarch64-linux-gnu-gcc"
+    assert manifest["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.so"]
+    head = (out / "model.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    assert any(layer["kernel"] == "bsr" for layer in manifest["layers"])
+
+
+def test_arm_kernels_use_neon_fma(mlp_bundle):
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        pytest.skip("aarch64-linux-gnu-objdump is not installed (binutils-aarch64-linux-gnu)")
+    out, _ = mlp_bundle
+    text = subprocess.run([objdump, "-d", str(out / "model.so")], capture_output=True, text=True, check=True).stdout
+    fmla = [line for line in text.splitlines() if "\tfmla\t" in line and ".4s" in line]
+    assert len(fmla) >= 16, "expected NEON fmla v*.4s in the compiled kernels"
+
+
+def test_arm_mlp_matches_onnxruntime(runtime, mlp_bundle):
+    out, manifest = mlp_bundle
+    x = bundle_inputs(manifest, seed=2)
+    got, _ = arm_runtime.run_bundle(out, x, threads=2)
+    ref = testing.ort_run(str(out / "model.onnx"), x)
+    np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
+
+
+def test_arm_cnn_dynamic_batch_matches_onnxruntime(runtime, tmp_path):
+    model = testing.cnn(channels=16, size=16)
+    manifest = compile_model(model, "arm", tmp_path, sparsity=0.8)
+    assert manifest["inputs"][0]["shape"][0] == "batch"
+    assert any(layer["kernel"] == "bsr" for layer in manifest["layers"])
+    x = bundle_inputs(manifest, seed=3, dims={"batch": 3})
+    got, _ = arm_runtime.run_bundle(tmp_path, x)
+    ref = testing.ort_run(str(tmp_path / "model.onnx"), x)
+    np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)

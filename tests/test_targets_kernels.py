@@ -1,0 +1,213 @@
+"""spc's hand-written TVM kernels against numpy on awkward shapes (every tail path), and the block sparsifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from spc.passes.sparsify import block_mask, sparsify  # noqa: E402
+from spc.targets import get_target, kernels  # noqa: E402
+from spc.targets.cost import estimate  # noqa: E402
+
+SPEC = get_target("x86")
+PARAMS = SPEC.cpu_kernels
+HOST_RUNS = SPEC.runs_here()
+
+
+def _build(kern):
+    return tvm.compile(tvm.IRModule({kern.name: kern.func}), target=SPEC.tvm())
+
+
+def _run(lib, kern, arrays, out_shape):
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in list(arrays) + kern.consts]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib[kern.name](*args, out)
+    return out.numpy()
+
+
+def _sparse(rng, shape, keep=0.3):
+    return (rng.standard_normal(shape) * (rng.random(shape) < keep)).astype(np.float32)
+
+
+pytestmark = pytest.mark.skipif(not HOST_RUNS, reason="x86 AVX-512 kernels need an AVX-512 host")
+
+
+@pytest.mark.parametrize("k,n", [(67, 100), (8, 3)])
+def test_dense_matmul_symbolic_rows(k, n):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    kern = kernels.dense_matmul("dense_t", w, b, "relu", PARAMS)
+    lib = _build(kern)
+    for m in (1, 5, 12, 13, 29):  # full tiles, 4-row and 1-row tails
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got = _run(lib, kern, [x], (m, n))
+        np.testing.assert_allclose(got, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [7, 24, 1])
+def test_dense_matmul_static_rows(m):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((33, 40)).astype(np.float32)
+    kern = kernels.dense_matmul("dense_s", w, None, None, PARAMS, m_static=m)
+    x = rng.standard_normal((m, 33)).astype(np.float32)
+    np.testing.assert_allclose(_run(_build(kern), kern, [x], (m, 40)), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,n,block", [(30, 21, (4, 1)), (32, 64, (16, 1)), (33, 10, (2, 2))])
+def test_bsr_matmul(k, n, block):
+    rng = np.random.default_rng(2)
+    w = _sparse(rng, (k, n))
+    b = rng.standard_normal(n).astype(np.float32)
+    bsr = kernels.to_bsr(w.T, block)
+    kern = kernels.bsr_matmul("bsr_t", bsr, b, "relu", PARAMS)
+    lib = _build(kern)
+    for m in (1, 5, 64, 70, 130):  # tail-only, full tiles, full + tail
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got = _run(lib, kern, [x], (m, n))
+        np.testing.assert_allclose(got, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_bsr_all_zero_weight():
+    w = np.zeros((16, 8), np.float32)
+    bsr = kernels.to_bsr(w.T, (4, 1))
+    assert bsr.nnz == 0 and bsr.density == 0.0
+    kern = kernels.bsr_matmul("bsr_z", bsr, np.ones(8, np.float32), None, PARAMS, m_static=3)
+    got = _run(_build(kern), kern, [np.ones((3, 16), np.float32)], (3, 8))
+    np.testing.assert_array_equal(got, np.ones((3, 8), np.float32))
+
+
+CONV_CASES = [
+    dict(c_in=3, h=9, w=11, c_out=13, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(c_in=8, h=8, w=8, c_out=16, kh=1, kw=1, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
+    dict(c_in=8, h=7, w=7, c_out=20, kh=1, kw=1, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
+    dict(c_in=6, h=12, w=10, c_out=8, kh=3, kw=2, stride=(2, 1), pad=(1, 0, 2, 1), dilation=(1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_conv2d(case, sparse):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    g = kernels.ConvGeom(**case)
+    w = _sparse(rng, (g.c_out, g.c_in, g.kh, g.kw), keep=0.4)
+    b = rng.standard_normal(g.c_out).astype(np.float32)
+    block = (4, 1) if sparse else None
+    bsr = kernels.to_bsr(w.reshape(g.c_out, -1), block) if sparse else None
+    kern = kernels.conv2d("conv_t", g, w.reshape(g.c_out, -1), b, "relu", PARAMS, bsr=bsr)
+    x = rng.standard_normal((2, g.c_in, g.h, g.w)).astype(np.float32)
+    flat = kernels.conv2d_takes_flat_input(g, PARAMS, block)
+    got = _run(_build(kern), kern, [x.reshape(2, g.c_in, -1) if flat else x], (2, g.c_out, g.pixels))
+    tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+    ref = torch.nn.functional.conv2d(tx, torch.tensor(w), torch.tensor(b), stride=g.stride, dilation=g.dilation)
+    np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "symbolic"])
+def test_batch_matmul(static):
+    rng = np.random.default_rng(4)
+    b, m, k, n = 3, 17, 9, 37
+    kern = kernels.batch_matmul("bmm_t", PARAMS, b if static else None, None, k if static else None, n if static else None)
+    a_ = rng.standard_normal((b, m, k)).astype(np.float32)
+    b_ = rng.standard_normal((b, k, n)).astype(np.float32)
+    np.testing.assert_allclose(_run(_build(kern), kern, [a_, b_], (b, m, n)), a_ @ b_, rtol=1e-5, atol=1e-5)
+
+
+def test_bsr_accumulators_are_power_of_two_vectors():
+    for name in ("x86", "x86-avx2", "arm"):
+        p = get_target(name).cpu_kernels
+        for br in (1, 2, 3, 4, 8, 16):
+            vecs = p.bsr_chunk(br) // p.lanes
+            assert vecs & (vecs - 1) == 0
+            assert p.bsr_tile(br) % p.bsr_chunk(br) == 0
+
+
+def test_cost_model_prefers_bsr_only_when_it_pays():
+    est = lambda m, d: estimate(m, 768, 3072, d, (4, 1), PARAMS, SPEC.bsr_efficiency).speedup  # noqa: E731
+    assert est(128, 0.2) > 2.5  # 80% sparse BERT FFN
+    assert est(128, 0.95) < 1.1  # nearly dense: stay dense
+    assert est(1, 0.2) < est(128, 0.2)  # one token wastes the token-vectorised tile
+
+
+# ---- sparsify ----------------------------------------------------------------------------------------------------
+
+
+def _model(w_mm, w_gemm, w_conv):
+    nodes = [
+        helper.make_node("Conv", ["img", "Wc"], ["c"], name="conv"),
+        helper.make_node("MatMul", ["x", "Wm"], ["h"], name="mm"),
+        helper.make_node("Gemm", ["h", "Wg"], ["y"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, w_mm.shape[0]]),
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, w_conv.shape[1], 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, w_gemm.shape[0]]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, w_conv.shape[0], 3, 3]),
+        ],
+        [numpy_helper.from_array(w_mm, "Wm"), numpy_helper.from_array(w_gemm, "Wg"), numpy_helper.from_array(w_conv, "Wc")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sparsify_zeroes_lowest_blocks_per_layer():
+    rng = np.random.default_rng(5)
+    w_mm = rng.standard_normal((64, 130)).astype(np.float32)  # [K, N]: N not a multiple of 4
+    w_gemm = rng.standard_normal((40, 130)).astype(np.float32)  # [N, K] (transB)
+    w_conv = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    model = _model(w_mm, w_gemm, w_conv)
+    before = model.SerializeToString()
+    out, report = sparsify(model, 0.75, (4, 1), min_size=1000)
+    assert model.SerializeToString() == before  # input untouched
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    by_name = {layer.weight: layer for layer in report.layers}
+    for name, view in (("Wm", inits["Wm"].T), ("Wg", inits["Wg"]), ("Wc", inits["Wc"].reshape(24, -1))):
+        layer = by_name[name]
+        assert not layer.skipped
+        blocks = kernels.to_bsr(view, (4, 1))
+        assert abs(1 - blocks.density - 0.75) < 0.01
+        assert abs(layer.sparsity - 0.75) < 0.01
+    # the kept blocks are the largest: every kept block's RMS >= every zeroed block's RMS (MatMul, W^T view)
+    orig = w_mm.T
+    mask = block_mask(orig, 0.75, (4, 1))
+    kept = np.abs(orig[mask]).size
+    assert kept == np.count_nonzero(inits["Wm"])
+    onnx.checker.check_model(out)
+
+
+def test_sparsify_skips_small_and_grouped():
+    rng = np.random.default_rng(6)
+    model = _model(
+        rng.standard_normal((8, 8)).astype(np.float32),
+        rng.standard_normal((8, 8)).astype(np.float32),
+        rng.standard_normal((4, 2, 1, 1)).astype(np.float32),
+    )
+    out, report = sparsify(model, 0.5, (4, 1))
+    assert all(layer.skipped for layer in report.layers)
+    assert report.overall_sparsity == 0.0
+    with pytest.raises(ValueError):
+        sparsify(model, 1.0)
+
+
+@pytest.mark.parametrize("d", [768, 37])
+@pytest.mark.parametrize("rows_static", [None, 7])
+def test_layer_norm_and_softmax(d, rows_static):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((7, d)) * 3 + 1).astype(np.float32)
+    g = rng.standard_normal(d).astype(np.float32)
+    b = rng.standard_normal(d).astype(np.float32)
+    kern = kernels.layer_norm("ln_t", d, 1e-5, g, b, PARAMS, rows_static)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + b
+    np.testing.assert_allclose(_run(_build(kern), kern, [x], x.shape), ref, rtol=1e-4, atol=1e-5)
+    kern = kernels.softmax("sm_t", d, PARAMS, rows_static)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(_run(_build(kern), kern, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
