@@ -33,7 +33,7 @@ def compile_cli(args, progress) -> int:
 
     try:
         spec = get_target(args.target)
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, SpcError) as error:
         raise SpcError(f"--target: {error}") from None
     progress(f"loading {args.model}")
     model = api.load(args.model)
