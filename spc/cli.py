@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weight blocks to zero (default 0)")
     p.add_argument("--block", default="4x1", help="sparse block RxC (default 4x1)")
     p.add_argument("-o", "--output", required=True, help="bundle directory")
+    p.add_argument("--eval", help=".npz with model inputs (and 'label'): accuracy of the model and of the bundle's")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled x86 bundle")

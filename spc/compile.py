@@ -52,6 +52,19 @@ def compile_cli(args, progress) -> int:
                              progress=progress)
     summary["bundle"] = str(args.output)
     summary["manifest"] = manifest
+    if args.eval:
+        import onnx
+
+        from .evaluate import load_npz, score
+
+        original = api.load(args.model)
+        feeds, labels = load_npz(args.eval, original)
+        compiled = onnx.load(str(Path(args.output) / "model.onnx"))
+        summary["eval"] = {"metric": "accuracy" if labels is not None else "top1_agreement",
+                           "before": score(original, feeds, labels, None if labels is not None else
+                                           _reference(original, feeds)),
+                           "after": score(compiled, feeds, labels, None if labels is not None else
+                                          _reference(original, feeds))}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -66,9 +79,18 @@ def compile_cli(args, progress) -> int:
         pruning = summary["pruning"]
         print(f"\npruned {pruning['reduction']['macs']:.1%} of MACs ({pruning['speedup_macs']}x fewer) "
               f"with '{pruning['criterion']}'")
+    if "eval" in summary:
+        ev = summary["eval"]
+        print(f"{ev['metric']} on {args.eval}: {ev['before']:.4f} before, {ev['after']:.4f} for the compiled model")
     print(f"compiled for {spec.name} (expected speed-up of the sparse layers {manifest.get('expected_speedup')}x); "
           f"bundle written to {args.output}")
     return 0
+
+
+def _reference(model, feeds):
+    from .evaluate import predict
+
+    return predict(model, feeds)
 
 
 def run_cli(args) -> int:
