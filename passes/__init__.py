@@ -4,13 +4,20 @@
 """
 
 from .base import ImportancePass, PassContext  # noqa: F401
+from .activation import ActivationImportance, WandaImportance
 from .magnitude import MagnitudeImportance
+from .obs import ObsImportance
+from .obspa import ObspaImportance
 from .random_ import RandomImportance
 
 CRITERIA = {
     "l1": lambda: MagnitudeImportance(1),
     "l2": lambda: MagnitudeImportance(2),
     "random": RandomImportance,
+    "obspa": ObspaImportance,
+    "obs": ObsImportance,
+    "activation": ActivationImportance,
+    "wanda": WandaImportance,
 }
 
 
