@@ -581,8 +581,8 @@ class _Editor:
                     if value.size == delta.size and value.shape[-1] == delta.size:
                         self.arrays[other] = (value + delta.reshape(value.shape)).astype(value.dtype)
                         return
-        # 4. a new bias: a Conv/Gemm input, or an Add after a MatMul
-        dtype = np.float32
+        # 4. a new bias: a Conv/Gemm input, or an Add after a MatMul, in the weight's own precision (fp16 stays fp16)
+        dtype = self.array(layer.weight).dtype
         if layer.kind in ("conv", "convtranspose") and (len(node.input) < 3 or not node.input[2]):
             name = self.fresh(f"{layer.weight}_obs_bias")
             self.arrays[name] = delta.astype(dtype)

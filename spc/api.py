@@ -2,7 +2,7 @@
 
     import spc
     model = spc.load("model.onnx")
-    result = spc.prune(model, ratio=0.5, by="macs", criterion="l1")
+    result = spc.prune(model, ratio=0.5, by="macs", criterion="obspa")
     spc.save(result.model, "model.pruned.onnx")
 """
 
@@ -74,7 +74,8 @@ class PruneResult:
         }
 
 
-def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "l1", *, round_to: int | None = None,
+def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa", *,
+          round_to: int | None = None,
           seed: int = 0, allow_inexact: bool = False, dim_values: dict[str, int] | None = None,
           calibration: dict[str, np.ndarray] | None = None, check: bool = True,
           progress: Progress | None = None) -> PruneResult:

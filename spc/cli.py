@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     def pruning(p):
         p.add_argument("--ratio", default="0.5", help="fraction of --by to remove, in [0, 1) (default 0.5)")
         p.add_argument("--by", default="macs", choices=["macs", "params", "channels"])
-        p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random (default l1)")
+        p.add_argument("--criterion", default="obspa",
+                       help="obspa (default, no data), obs, activation, wanda (need --calib), l1, l2, random")
         p.add_argument("--round-to", type=int, default=None,
                        help="keep channel counts multiples of N (default: the CPU's vector width; 1 opts out)")
         p.add_argument("--calib", help=".npz of calibration inputs for data-driven criteria")
