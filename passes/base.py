@@ -30,6 +30,9 @@ class ImportancePass(ABC):
 
     name = "importance"
     needs_calibration = False
+    # whether the plan divides scores by their group's mean to compare groups (right for magnitudes; OBS costs are
+    # already comparable across groups and are used as they are)
+    normalize = True
 
     def __call__(self, analysis: Analysis, context: PassContext) -> np.ndarray:
         if self.needs_calibration and not context.calibration:

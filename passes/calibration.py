@@ -3,8 +3,9 @@
 The model is run on the calibration inputs with the requested tensors added as graph outputs, a batch at a time,
 and each tensor is folded straight into running sums along one *feature axis* (every other axis is a sample or
 position): the count, the sum, the sum of absolute values and the sum of outer products, all in float64. Memory
-is therefore one batch of activations plus ``C x C`` per tensor (or ``C`` when only first moments and squares are asked for) (128 MiB for a 4096-wide tensor), whatever the
-number of samples.
+is therefore one batch of activations plus ``C x C`` per tensor (128 MiB for a 4096-wide tensor; ``C`` when only
+first moments and squares are asked for), whatever the number of samples. ``max_positions`` bounds the rows a
+large feature map contributes per sample.
 
     stats = collect_moments(model, feeds, [("/layer1/Relu_output_0", 1)])
     stats[("/layer1/Relu_output_0", 1)].second   # E[x x^T] over samples and positions, float64 [C, C]

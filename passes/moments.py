@@ -43,7 +43,7 @@ the consumers' column norms and compensation to zero). ``estimate_moments`` retu
 (tensor, axis), ``(mean, second)`` with ``second = E[x x^T]`` in float64. Only the nodes the requested tensors
 depend on are propagated; covariances are freed after their last use (peak memory a few n x n float64).
 
-**Why this derivation** (measured, bench/obspa.md): BatchNorm anchoring is what makes data-free OBS work on CNNs
+**Why this derivation** (measured, bench/README.md): BatchNorm anchoring is what makes data-free OBS work on CNNs
 (without it the digits CNN at 2x fewer MACs falls from 0.991 to 0.72 accuracy); the input prior does not matter
 once a BatchNorm follows. Transformers have no such anchor: the LayerNorm/positional propagation gets the
 covariance roughly right but the per-channel means after a LayerNorm only loosely (the residual stream's mean

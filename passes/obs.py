@@ -4,8 +4,16 @@ The second moments ``E[x x^T]`` and means of every consumer layer's input channe
 calibration inputs through ONNX Runtime with those tensors as extra outputs (``passes/calibration.py``; pooled
 over samples and positions, float64, one batch in memory at a time). A few hundred samples are enough: the
 estimate only has to be good on the channel subspace the least squares uses, and damping (1e-2 x mean channel
-variance) covers the rest. Everything else (greedy OBS ordering, global ranking, Cholesky compensation, bias
-folding) is OBSPA's, so OBSPA given these same moments (``hessians=``) produces the same model.
+variance) covers the rest. Positions are subsampled (64 per sample, seeded) on large feature maps, and the
+covariance is shrunk towards its diagonal by ``(n / (n + rows))^2``: after a global pool a layer sees one row per
+sample, fewer rows than channels, and the raw sample covariance would let OBS "reconstruct" pruned channels on the
+calibration set only (EfficientNet-Lite0 at 1.1x fewer MACs: 0.24 agreement without shrinkage, 0.64 with).
+
+Scores (greedy OBS ordering, global ranking) are OBSPA's on these moments. Compensation is *sequential* by default:
+consumers in graph order, each re-fitted to the dense layer's output from the inputs it actually receives in the
+pruned model compensated so far (128 samples; one-shot for layers with fewer than 4 rows per channel), which
+corrects upstream error instead of accumulating it (digits CNN at 3x fewer MACs: 0.941 one-shot, 0.989 sequential).
+``sequential=False`` gives the one-shot form, which is exactly OBSPA's given these moments (``hessians=``).
 """
 
 from __future__ import annotations
@@ -71,7 +79,6 @@ class ObsImportance(ObspaImportance):
                     self._one_shot(analysis, consumer, removed, editor)
                 continue
             current = editor.current()
-            tensor, axis = consumer.key
             mine = self._rows(current, feeds, [consumer.key], limit)[consumer.key]
             dense = dense_rows[consumer.key]
             if mine.shape[0] != dense.shape[0] or mine.shape[1] != int((~removed).sum()):

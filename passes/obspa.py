@@ -29,7 +29,7 @@ exact greedy). Costs are measured after the BatchNorm that follows a consumer (i
 output row), which makes them comparable across layers. An atom's score is its (running-max) marginal cost: higher
 = keep. ``ranking="global"`` (default) ranks the atoms of all groups on these costs directly: the plan's per-group
 mean normalisation is bypassed by returning ``-1 / cost``, negative, which ``make_plan`` uses as is;
-``ranking="group"`` hands the positive costs to that normalisation. Measured alternatives (bench/obspa.md): group
+``ranking="group"`` hands the positive costs to that normalisation. Measured alternatives (bench/README.md): group
 ranking (digits transformer 3x: 0.31 vs 0.63 accuracy), costs relative to each consumer's output energy, and rows
 weighted by a data-free output sensitivity (a diagonal, linearised backward pass through the network,
 ``weighting="sensitivity"``) did not beat BatchNorm-weighted global costs.
@@ -312,6 +312,8 @@ def greedy_costs(consumers: list[Consumer], local_labels: list[np.ndarray], atom
 class ObspaImportance(ImportancePass):
     """OBS costs as scores and OBS compensation of the consumers, with data-free second moments."""
 
+    normalize = False  # OBS costs compare across groups as they are
+
     name = "obspa"
 
     def __init__(self, damp: float = 1e-2, ranking: str = "global", options: MomentOptions | None = None,
@@ -482,7 +484,7 @@ class ObspaImportance(ImportancePass):
             self._compensate_all(analysis, plan, editor)
         return editor.finish()
 
-    def _compensate_all(self, analysis: Analysis, plan, editor: "_Editor") -> None:
+    def _compensate_all(self, analysis: Analysis, plan, editor: _Editor) -> None:
         for consumer in self.consumers:
             removed = plan.removed[consumer.labels]
             if not removed.any() or removed.all() or consumer.moments is None:

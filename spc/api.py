@@ -101,7 +101,7 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa",
     clock = time.perf_counter()
     say(f"planning: remove {ratio:.0%} of {by}")
     plan = make_plan(analysis, scores, ratio, by, round_to or default_round_to(),
-                     CostModel(analysis, dim_values))
+                     CostModel(analysis, dim_values), normalize=scorer.normalize)
     timings["plan"] = time.perf_counter() - clock
     clock = time.perf_counter()
     say("rewriting the graph")

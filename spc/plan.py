@@ -52,7 +52,7 @@ def _unit(group: Group, round_to: int) -> int:
 
 
 def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "macs", round_to: int = 1,
-              cost_model: CostModel | None = None, min_keep: int = 1) -> Plan:
+              cost_model: CostModel | None = None, min_keep: int = 1, normalize: bool = True) -> Plan:
     check_budget(ratio, by)
     cost_model = cost_model or CostModel(analysis)
     groups = [g for g in analysis.prunable_groups if g.size > 1]
@@ -61,7 +61,7 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
     for group in groups:
         values = scores[group.atoms]
         mean = values.mean()
-        normalised = values / mean if mean > 0 else values
+        normalised = values / mean if normalize and mean > 0 else values
         normalised_scores[group.atoms] = normalised
         order = np.argsort(normalised, kind="stable")
         order_in_group[group.id] = group.atoms[order]

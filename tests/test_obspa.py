@@ -9,16 +9,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-
-import spc
-import spc.passes as passes
-from spc.analysis import analyze
-from spc.cli import main as cli_main
-from spc.graph import Graph
 from spc.passes.calibration import collect_moments
 from spc.passes.moments import MomentOptions, estimate_moments
 from spc.passes.obs import ObsImportance
 from spc.passes.obspa import ObspaImportance, compensation, greedy_costs, removal_cost
+
+import spc
+from spc import passes
+from spc.analysis import analyze
+from spc.cli import main as cli_main
+from spc.graph import Graph
 from spc.validate import run
 from tests.helpers import GraphBuilder
 
@@ -158,7 +158,8 @@ def test_sequential_obs_corrects_upstream_error():
     target = run(model, feeds)[model.graph.output[0].name]
     errors = []
     for sequential in (False, True):
-        name = _with_criterion(lambda: ObsImportance(sequential=sequential, sequential_samples=256))
+        name = _with_criterion(lambda sequential=sequential: ObsImportance(sequential=sequential,
+                                                                           sequential_samples=256))
         result = spc.prune(model, ratio=0.5, by="channels", criterion=name, round_to=1, calibration=feeds)
         errors.append(float(np.mean((run(result.model, feeds)[model.graph.output[0].name] - target) ** 2)))
     assert errors[1] < errors[0]
@@ -188,8 +189,8 @@ def test_obspa_with_the_exact_hessian_reproduces_calibrated_obs():
     a = {i.name: numpy_helper.to_array(i) for i in obs.model.graph.initializer}
     b = {i.name: numpy_helper.to_array(i) for i in obspa.model.graph.initializer}
     assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for key, value in a.items():
+        np.testing.assert_allclose(value, b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_data_free_moments_are_exact_for_a_gaussian_linear_layer():
