@@ -14,6 +14,8 @@ mean normalisation like L1's. Neither changes weights.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 
 from spc.analysis import Analysis
@@ -52,8 +54,9 @@ class _ActivationBase(ImportancePass):
                     totals[group.atoms] = np.where(seen[group.atoms], totals[group.atoms], values * scale)
         return totals
 
+    @abstractmethod
     def channel_values(self, consumer, entry) -> np.ndarray:
-        raise NotImplementedError
+        """One importance value per input channel of ``consumer`` from its input statistics ``entry``."""
 
 
 class ActivationImportance(_ActivationBase):
