@@ -107,17 +107,6 @@ class ObsImportance(ObspaImportance):
                 editor.add_bias(consumer, per_out)
         return editor.finish()
 
-    def _one_shot(self, analysis: Analysis, consumer, removed, editor) -> None:
-        from .obspa import compensation
-
-        mean, second = consumer.moments
-        new, bias = compensation(consumer.matrix, mean, second, removed, self.damp)
-        editor.set_weight(consumer, new)
-        out_channels = analysis.graph.weight(consumer.layer.weight).shape[consumer.layer.weight_out_axis]
-        per_out = np.bincount(consumer.out_index, weights=bias, minlength=out_channels)
-        if np.any(per_out != 0):
-            editor.add_bias(consumer, per_out)
-
     def _rows(self, model, feeds, keys, limit) -> dict:
         parts: dict = {key: [] for key in keys}
         for outputs in iterate_tensors(model, feeds, [t for t, _ in keys], limit=limit):

@@ -53,6 +53,7 @@ from scipy.linalg import cho_factor, cho_solve
 
 from spc.analysis import Analysis
 from spc.analysis.rules.base import LinearLayer
+from spc.rewrite import unique_name
 
 from .base import ImportancePass, PassContext, per_index_norm
 from .moments import MomentOptions, Propagator, channel_sensitivity
@@ -489,13 +490,17 @@ class ObspaImportance(ImportancePass):
             removed = plan.removed[consumer.labels]
             if not removed.any() or removed.all() or consumer.moments is None:
                 continue
-            mean, second = consumer.moments
-            new, bias = compensation(consumer.matrix, mean, second, removed, self.damp)
-            editor.set_weight(consumer, new)
-            out_channels = analysis.graph.weight(consumer.layer.weight).shape[consumer.layer.weight_out_axis]
-            per_out = np.bincount(consumer.out_index, weights=bias, minlength=out_channels)
-            if np.any(per_out != 0):
-                editor.add_bias(consumer, per_out)
+            self._one_shot(analysis, consumer, removed, editor)
+
+    def _one_shot(self, analysis: Analysis, consumer, removed, editor: "_Editor") -> None:
+        """Least-squares update of one consumer from its (estimated or measured) input moments."""
+        mean, second = consumer.moments
+        new, bias = compensation(consumer.matrix, mean, second, removed, self.damp)
+        editor.set_weight(consumer, new)
+        out_channels = analysis.graph.weight(consumer.layer.weight).shape[consumer.layer.weight_out_axis]
+        per_out = np.bincount(consumer.out_index, weights=bias, minlength=out_channels)
+        if np.any(per_out != 0):
+            editor.add_bias(consumer, per_out)
 
 
 class _Editor:
@@ -528,12 +533,7 @@ class _Editor:
         return self.arrays[name]
 
     def fresh(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.names:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def set_weight(self, consumer: Consumer, kept_matrix: np.ndarray) -> None:
         layer = consumer.layer
@@ -584,7 +584,7 @@ class _Editor:
                         self.arrays[other] = (value + delta.reshape(value.shape)).astype(value.dtype)
                         return
         # 4. a new bias: a Conv/Gemm input, or an Add after a MatMul, in the weight's own precision (fp16 stays fp16)
-        dtype = self.array(layer.weight).dtype
+        dtype = self.graph.weight(layer.weight).dtype
         if layer.kind in ("conv", "convtranspose") and (len(node.input) < 3 or not node.input[2]):
             name = self.fresh(f"{layer.weight}_obs_bias")
             self.arrays[name] = delta.astype(dtype)

@@ -19,6 +19,16 @@ from .io import toposort
 
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_N`` for the first N not in ``taken``; the name is added to ``taken``."""
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
 class RewriteContext:
     """What an update rule sees of one node: old and new sizes, and the edits it may make."""
 
@@ -100,12 +110,7 @@ class Rewriter:
         self._names.update(out for node in analysis.graph.nodes for out in node.output)
 
     def fresh_name(self, base: str) -> str:
-        name, n = base, 0
-        while name in self._names:
-            n += 1
-            name = f"{base}_{n}"
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def new_shape(self, name: str):
         old = self.analysis.graph.shape(name)
