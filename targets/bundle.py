@@ -61,6 +61,11 @@ class Bundle:
         outs = _flatten(out)
         return {name: o.numpy() for name, o in zip(self.output_names, outs)}
 
+    def benchmark(self, inputs: dict[str, np.ndarray], number: int = 20, repeat: int = 10) -> list[float]:
+        """Seconds per run, one figure per repeat, timed by TVM's evaluator (synchronised with a GPU device)."""
+        timer = self._vm.time_evaluator("main", self._device, number=number, repeat=repeat, min_repeat_ms=50)
+        return list(timer(*self._args(inputs)).results)
+
     def timer(self, inputs: dict[str, np.ndarray]):
         """A zero-argument callable that runs the bundle once on prepared inputs (benchmarks)."""
         args = self._args(inputs)
@@ -103,9 +108,14 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     use_all_cores()
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
+    if spec.runtime_device == "cuda":
+        from .cuda_runtime import ensure_cuda_runtime
+
+        device = ensure_cuda_runtime()
+    else:
+        device = tvm.cpu()
     lib = tvm.runtime.load_module(str(path / manifest["files"].get("library", LIBRARY)))
-    device = tvm.cpu()
-    vm = relax.VirtualMachine(lib, device)
+    vm = VirtualMachine(lib, device)
     return Bundle(path, manifest, vm, device)

@@ -28,6 +28,7 @@ class TargetSpec:
     host_machines: tuple[str, ...] = ()  # platform.machine() values that can load and run a bundle in-process
     required_cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the library needs to run
     emits_source: str | None = None  # device source kept beside the library ("cuda")
+    runtime_device: str = "cpu"  # TVM device kind a bundle runs on ("cpu", "cuda")
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -45,6 +46,8 @@ class TargetSpec:
     def runs_here(self) -> bool:
         if platform.machine().lower() not in self.host_machines:
             return False
+        if self.runtime_device == "cuda":
+            return _has_cuda_gpu()
         if not self.required_cpu_flags:
             return True
         flags = _cpu_flags()
@@ -60,6 +63,17 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def _has_cuda_gpu() -> bool:
+    from .cuda_runtime import ensure_cuda_runtime
+    from .errors import SpcError
+
+    try:
+        ensure_cuda_runtime()
+    except SpcError:
+        return False
+    return True
 
 
 _REGISTRY: dict[str, TargetSpec] = {}
@@ -147,7 +161,8 @@ register_target(
         cpu_kernels=None,
         sparse_kernels=False,
         emits_source="cuda",
-        host_machines=(),
+        runtime_device="cuda",
+        host_machines=("x86_64", "amd64", "aarch64", "arm64"),
         notes=("block-sparse kernels are CPU-only: weights are compiled dense (zeros kept) on cuda",),
     )
 )

@@ -45,3 +45,22 @@ def test_cuda_source_compiles_to_cubin(cuda_bundle, arch):
     with tvm.target.Target({"kind": "cuda", "arch": arch}):
         cubin = nvcc.compile_cuda(src, target_format="cubin", arch=arch, compiler="nvcc")
     assert bytes(cubin[:4]) == b"\x7fELF"
+
+
+def test_cuda_bundle_runs_on_a_gpu_or_says_why(cuda_bundle):
+    """With a GPU (and nvcc) the bundle runs in-process and matches ONNX Runtime; without one, a one-line error."""
+    import numpy as np
+
+    from spc.errors import SpcError
+    from spc.targets import get_target, load_bundle
+
+    out, _ = cuda_bundle
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    if not get_target("cuda").runs_here():
+        with pytest.raises(SpcError, match="targets cuda .*cannot run in this process"):
+            load_bundle(out)
+        return
+    got = load_bundle(out).run({"input": x})
+    want = testing.ort_run(str(out / "model.onnx"), {"input": x})
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4)
