@@ -8,10 +8,12 @@
    dense model measured in the same run, interleaved, medians of repeats.
 
     python bench/bench_engine.py            # writes bench/engine.json and prints the markdown tables
+    python bench/bench_engine.py --sections speed --models bert_base     # only BERT-base's speed row
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -109,16 +111,25 @@ def mlp_stack(blocks: int, width: int = 64) -> onnx.ModelProto:
 
 
 def timed_prune(path: Path, dims: dict) -> dict:
+    """One load + analyze + prune, as a script would run them (the prune reuses the analysis)."""
     start = time.perf_counter()
     model = spc.load(path)
     loaded = time.perf_counter()
     analysis = spc.analyze(model)
     analysed = time.perf_counter()
-    result = spc.prune(model, ratio=0.5, by="macs", criterion="l1", dim_values=dims)
+    result = spc.prune(analysis, ratio=0.5, by="macs", criterion="l1", dim_values=dims)
     done = time.perf_counter()
     return {"load_s": loaded - start, "analyze_s": analysed - loaded, "prune_s": done - analysed,
             "nodes": len(model.graph.node), "groups": len(analysis.prunable_groups),
-            "analyze_in_prune_s": result.timings["analyse"], "validate_s": result.timings["validate"]}
+            "analyze_in_prune_s": result.timings["analyse"], "validate_s": result.timings["validate"],
+            "phases_s": {k: round(v, 3) for k, v in result.timings.items()}}
+
+
+def median_run(path: Path, dims: dict, repeats: int) -> dict:
+    """The run with the median total time of ``repeats`` (the machine is shared; one run is noisy)."""
+    runs = sorted((timed_prune(path, dims) for _ in range(repeats)),
+                  key=lambda r: r["load_s"] + r["analyze_s"] + r["prune_s"])
+    return dict(runs[len(runs) // 2], repeats=repeats)
 
 
 # VmHWM, not ru_maxrss: the latter survives exec, so a child of a big parent would report the parent's peak
@@ -136,6 +147,23 @@ def peak_memory(path: Path, out: Path) -> int:
     result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), str(out)], capture_output=True,
                             text=True, check=True, cwd=ROOT)
     return int(result.stdout.strip().splitlines()[-1])
+
+
+def cli_times(path: Path, out: Path, dims: dict, repeats: int) -> dict:
+    """Wall time of the two commands the issue names, each a fresh process (interpreter start and imports
+    included): ``spc analyze`` and ``spc prune`` (L1, 50% of MACs, written to ``out``); median of ``repeats``."""
+    dim_args = [a for name, size in dims.items() for a in ("--dim", f"{name}={size}")]
+    commands = {"analyze": ["analyze", str(path), "--json", *dim_args],
+                "prune": ["prune", str(path), "--ratio", "0.5", "--criterion", "l1", "-o", str(out), "--quiet",
+                          *dim_args]}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "spc.cli", *argv], check=True, capture_output=True, cwd=ROOT)
+            times[name].append(time.perf_counter() - start)
+    medians = {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+    return {**medians, "total_s": sum(medians.values()), "repeats": repeats}
 
 
 def latency_ratios(models: dict[str, onnx.ModelProto], feeds: dict, repeats: int) -> dict[str, float]:
@@ -175,46 +203,79 @@ def latency_table(path: Path, label: str) -> list[dict]:
     return rows
 
 
-def main() -> None:
+SECTIONS = ("speed", "cli", "memory", "scaling", "latency")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmarks of the pruning engine; writes bench/engine.json (the "
+                                     "sections measured replace theirs, the others are kept) and prints tables.")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to measure (default: all)")
+    parser.add_argument("--models", nargs="+", choices=("resnet50", "bert_base"), default=["resnet50", "bert_base"],
+                        help="models of the speed and memory rows (default: both); e.g. --sections speed "
+                             "--models bert_base times only BERT-base")
+    parser.add_argument("--repeats", type=int, default=3, help="speed runs per model; the median is kept")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="spc-bench-"))
-    report: dict = {"machine": f"{os.cpu_count()} cores", "speed": {}, "scaling": {}, "memory": {}, "latency": []}
+    out = ROOT / "bench" / "engine.json"
+    report: dict = json.loads(out.read_text()) if out.exists() else {}
+    report["machine"] = f"{os.cpu_count()} cores"
     exports = {"resnet50": export_resnet50, "bert_base": export_bert_base, "mobilenetv2": export_mobilenetv2}
-    paths = {}
-    for name, export in exports.items():
-        paths[name] = work / f"{name}.onnx"
-        export(paths[name])
+    wanted = set(args.models) if {"speed", "cli", "memory"} & set(args.sections) else set()
+    wanted |= {"resnet50", "mobilenetv2"} if "latency" in args.sections else set()
+    paths = {name: work / f"{name}.onnx" for name in exports}
+    for name in sorted(wanted):
+        exports[name](paths[name])
     dims = {"resnet50": {}, "mobilenetv2": {}, "bert_base": {"seq": 128}}
-    for name in ("resnet50", "bert_base"):
-        report["speed"][name] = timed_prune(paths[name], dims[name])
-        report["memory"][name] = {"file_bytes": paths[name].stat().st_size,
-                                  "peak_rss_increase_bytes": peak_memory(paths[name], work / f"{name}.pruned.onnx")}
-    for blocks in (50, 500):
-        model = mlp_stack(blocks)
-        start = time.perf_counter()
-        spc.analyze(spc.io.from_proto(model))
-        report["scaling"][blocks] = {"nodes": len(model.graph.node), "analyze_s": time.perf_counter() - start}
-    for name in ("resnet50", "mobilenetv2"):
-        report["latency"] += latency_table(paths[name], name)
-    (ROOT / "bench" / "engine.json").write_text(json.dumps(report, indent=2))
+    for name in args.models:
+        if "speed" in args.sections:
+            report.setdefault("speed", {})[name] = median_run(paths[name], dims[name], args.repeats)
+        if "cli" in args.sections:
+            report.setdefault("cli", {})[name] = cli_times(paths[name], work / f"{name}.cli.onnx", dims[name],
+                                                           args.repeats)
+        if "memory" in args.sections:
+            report.setdefault("memory", {})[name] = {
+                "file_bytes": paths[name].stat().st_size,
+                "peak_rss_increase_bytes": peak_memory(paths[name], work / f"{name}.pruned.onnx")}
+    if "scaling" in args.sections:
+        report["scaling"] = {}
+        for blocks in (50, 500):
+            model = mlp_stack(blocks)
+            start = time.perf_counter()
+            spc.analyze(spc.io.from_proto(model))
+            report["scaling"][str(blocks)] = {"nodes": len(model.graph.node), "analyze_s": time.perf_counter() - start}
+    if "latency" in args.sections:
+        report["latency"] = []
+        for name in ("resnet50", "mobilenetv2"):
+            report["latency"] += latency_table(paths[name], name)
+    out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model | nodes | prunable groups | load s | analyze s | prune (analyse+score+plan+rewrite+validate) s |",
-             "|---|---|---|---|---|---|"]
-    for name, r in report["speed"].items():
+    lines = ["| model | nodes | prunable groups | load s | analyze s | prune s | total s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report.get("speed", {}).items():
         lines.append(f"| {name} | {r['nodes']} | {r['groups']} | {r['load_s']:.2f} | {r['analyze_s']:.2f} | "
-                     f"{r['prune_s']:.2f} (validate {r['validate_s']:.2f}) |")
+                     f"{r['prune_s']:.2f} (validate {r['validate_s']:.2f}) | "
+                     f"{r['load_s'] + r['analyze_s'] + r['prune_s']:.2f} |")
+    lines += ["", "| model | `spc analyze` s | `spc prune` s | both s |", "|---|---|---|---|"]
+    for name, r in report.get("cli", {}).items():
+        lines.append(f"| {name} | {r['analyze_s']:.2f} | {r['prune_s']:.2f} | {r['total_s']:.2f} |")
     lines += ["", "| MLP stack | nodes | analyze s |", "|---|---|---|"]
-    for blocks, r in report["scaling"].items():
+    for blocks, r in report.get("scaling", {}).items():
         lines.append(f"| {blocks} blocks | {r['nodes']} | {r['analyze_s']:.3f} |")
     lines += ["", "| model | file MB | peak RSS increase MB | ratio |", "|---|---|---|---|"]
-    for name, r in report["memory"].items():
+    for name, r in report.get("memory", {}).items():
         lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {r['peak_rss_increase_bytes'] / 1e6:.1f} | "
                      f"{r['peak_rss_increase_bytes'] / r['file_bytes']:.2f} |")
     lines += ["", "| model | batch | target, round-to | MACs reduction | ORT speed-up | efficiency |",
               "|---|---|---|---|---|---|"]
-    for r in report["latency"]:
+    for r in report.get("latency", []):
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['macs_reduction']}x | "
                      f"{r['latency_speedup']}x | {r['efficiency']} |")
     return "\n".join(lines)

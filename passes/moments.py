@@ -33,6 +33,8 @@ through the graph in topological order as a Gaussian description of each tensor 
   positions: the *positional structure* of a transformer's stream.
 * **LayerNormalization**: centring ``P = I - 11^T/n`` and scaling by the expected per-token RMS,
   ``m = P m / s``, ``S = P S P / s^2`` with ``s^2 = (tr(P S P) + |P m|^2) / n``, then the affine ``gamma, beta``.
+* **RMSNorm written as ops** (``x * 1/sqrt(mean(x^2) + eps)``, as torch exports it): the LayerNorm rule without
+  centring (``s^2 = (tr S + |m|^2) / n + eps``); the scale that follows is an ordinary constant Mul.
 * **Attention** (``softmax(QK^T) @ V``): a convex mix of V's rows over positions: V's mean, V's covariance.
 * **Embedding Gather** from a constant table: the mean and covariance of the table's rows (uniform tokens).
 * **Pooling, Resize, Pad, Dropout**: moments unchanged; **Reshape, Flatten, Transpose, (Un)Squeeze**: the feature
@@ -40,7 +42,9 @@ through the graph in topological order as a Gaussian description of each tensor 
 
 Whatever cannot be followed yields no estimate; the consumer layer then falls back to ``H = I`` (OBS reduces to
 the consumers' column norms and compensation to zero). ``estimate_moments`` returns, for each requested
-(tensor, axis), ``(mean, second)`` with ``second = E[x x^T]`` in float64. Only the nodes the requested tensors
+(tensor, axis), ``(mean, second)`` with ``second = E[x x^T]`` in float64 (a ``Propagator`` made with ``spill_bytes``
+returns those of that size or more as ``spc.weights.Spilled`` files, read back with ``spc.weights.loaded``: an LLM
+has one 5632 x 5632 matrix per layer, 4 GB in all, needed again only when that layer is compensated). Only the nodes the requested tensors
 depend on are propagated; covariances are freed after their last use (peak memory a few n x n float64).
 
 **Why this derivation** (measured, bench/README.md): BatchNorm anchoring is what makes data-free OBS work on CNNs
@@ -63,12 +67,14 @@ from onnx import helper
 from scipy.special import erf
 
 from spc.graph import Graph
+from spc.weights import spill
 
 GRID = np.linspace(-8.0, 8.0, 1201)
 _W = np.exp(-0.5 * GRID**2)
 WEIGHTS = _W / _W.sum()
 HERMITE_TERMS = 8
 MAX_INPUT_FEATURES = 1024
+SPILL_BYTES = 16 << 20  # OBSPA spills second moments this large (n >= 1449) until it uses them
 
 
 def _hermite_basis(order: int) -> np.ndarray:
@@ -318,8 +324,11 @@ def _binary(op: str, a, b):
 
 # --------------------------------------------------------------------------------------------- propagation
 class Propagator:
-    def __init__(self, graph: Graph, options: MomentOptions | None = None):
+    def __init__(self, graph: Graph, options: MomentOptions | None = None, spill_bytes: int | None = None,
+                 keep_backward: bool = True):
         self.graph = graph
+        self.spill_bytes = spill_bytes
+        self.keep_backward = keep_backward
         self.options = options or MomentOptions()
         self.states: dict[str, object] = {}
         self._symbols: dict[str, int] = {}
@@ -374,6 +383,8 @@ class Propagator:
                     second = np.array(gauss.cov, dtype=np.float64)
                     for start in range(0, second.shape[0], 512):  # + m m^T without an n x n temporary
                         second[start:start + 512] += np.outer(gauss.mean[start:start + 512], gauss.mean)
+                    if self.spill_bytes is not None and second.nbytes >= self.spill_bytes:  # to disk until used
+                        second = spill(second)
                     results[(name, axis)] = (gauss.mean.copy(), second)
 
         for name in graph.inputs:
@@ -421,8 +432,11 @@ class Propagator:
             self.func_base[name] = (state.base.name, (slope**2) @ WEIGHTS)
 
     def _back(self, node, fn) -> None:
-        """Register the backward rule of ``node``: its first output's sensitivity -> [(input, axes, sizes, s)]."""
-        self.backward[node.name] = (node.output[0], fn)
+        """Register the backward rule of ``node``: its first output's sensitivity -> [(input, axes, sizes, s)].
+        Kept only for ``sensitivity()``: the rules of linear layers hold their squared weights (float64), which
+        over a whole network is twice the model's size."""
+        if self.keep_backward:
+            self.backward[node.name] = (node.output[0], fn)
 
     def sensitivity(self) -> dict[str, np.ndarray]:
         """Per-feature sensitivity of every tensor: the output energy that unit-variance, independent errors on a
@@ -744,6 +758,10 @@ class Propagator:
             if op in ("Add", "Sub"):  # a constant with positions (a positional embedding): a mixture over them
                 return self._add_positional(node, state, const_name, tensor_first)
             return None
+        if op in ("Mul", "Div") and (sa is None) != (sb is None):
+            x, stat = (a, b) if sb is None else (b, a)
+            if op == "Mul" or x == a:
+                return self._explicit_rms(node, x, stat, divide=op == "Div")
         if sa is None or sb is None:
             return None
         fa, fb = sa, sb
@@ -781,6 +799,50 @@ class Propagator:
             mean = ga.mean * gb.mean
             return Gauss(common, ga.sizes, mean, _sym(sa2 * sb2 - np.outer(mean, mean)))
         return None
+
+    def _rms_epsilon(self, x: str, stat: str, divide: bool) -> float | None:
+        """eps if ``stat`` is ``1 / sqrt(mean(x^2, last axis) + eps)`` (``sqrt(...)`` when ``divide``), written as
+        ops the way torch exports an RMSNorm (Casts in between allowed); None otherwise."""
+        chain = ["Sqrt", "Add", "ReduceMean", "Pow"] if divide else ["Reciprocal", "Sqrt", "Add", "ReduceMean", "Pow"]
+        name, eps, rank = stat, None, len(self.shape(x) or ())
+        for op in chain:
+            node = self.graph.producer.get(name)
+            while node is not None and node.op_type == "Cast":
+                node = self.graph.producer.get(node.input[0])
+            if node is None or node.op_type != op:
+                return None
+            consts = [self.const(i) for i in node.input]
+            if op == "Add":
+                if sum(c is not None for c in consts) != 1 or next(c for c in consts if c is not None).size != 1:
+                    return None
+                eps = float(next(c for c in consts if c is not None).reshape(-1)[0])
+                name = next(i for i, c in zip(node.input, consts) if c is None)
+                continue
+            if op == "ReduceMean":
+                axes = _attr(node, "axes")
+                axes = axes if axes is not None or len(node.input) < 2 else consts[1]
+                if axes is None or [int(v) % rank for v in np.asarray(axes).reshape(-1)] != [rank - 1]:
+                    return None
+            if op == "Pow" and (consts[1] is None or float(np.asarray(consts[1]).reshape(-1)[0]) != 2.0
+                                or node.input[0] != x):
+                return None
+            name = node.input[0]
+        return eps
+
+    def _explicit_rms(self, node, x: str, stat: str, divide: bool):
+        """An RMSNorm written as ops: the features over the last axis scaled by the expected per-token RMS."""
+        eps = self._rms_epsilon(x, stat, divide)
+        shape = self.shape(x)
+        if eps is None or not shape:
+            return None
+        axis = len(shape) - 1
+        g = self.gauss(x)
+        g = marginal(g, (axis,)) if g is not None and axis in g.axes else None
+        if g is None:
+            return None
+        s2 = (np.trace(g.cov) + g.mean @ g.mean) / g.width + eps
+        self._back(node, lambda s, xn=x, ax=axis, n=g.width, v=s2: [(xn, (ax,), (n,), s / v)])
+        return Gauss((axis,), (g.width,), g.mean / np.sqrt(s2), _sym(g.cov / s2))
 
     @staticmethod
     def _aligned(state: Gauss, shape, out) -> Gauss | None:

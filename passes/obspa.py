@@ -35,16 +35,17 @@ weighted by a data-free output sensitivity (a diagonal, linearised backward pass
 ``weighting="sensitivity"``) did not beat BatchNorm-weighted global costs.
 
 **Memory per consumer**: ``H~^-1`` and ``G`` in the sweep, ``H~_KK`` and its Cholesky factor in the compensation
-(float64, n^2 each: 128 MiB at n = 4096, so a few hundred MiB at most), plus the moments themselves. The sweep runs
-with one BLAS thread (OpenBLAS's threaded Cholesky and thin updates are slower with two on two cores).
+(float64, n^2 each: 128 MiB at n = 4096, so a few hundred MiB at most), plus the moments themselves. Across a
+model, nothing accumulates: a consumer's weight is read (from disk for a model with external data) each time it is
+used and dropped after, second moments of 16 MiB or more wait in a temporary file until used, and compensated
+weights of a model on disk go straight back to disk (``spc.weights``), so an LLM is scored one layer at a time in
+memory. The sweep runs with one BLAS thread (OpenBLAS's threaded Cholesky and thin updates are slower with two on two cores).
 
 The second moments come from ``moments`` (data-free, see ``passes/moments.py``); ``passes/obs.py`` swaps in the
 true ones from calibration data. ``hessians`` overrides both: ``{(tensor, axis): (mean, E[xx^T])}``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -54,24 +55,41 @@ from scipy.linalg import cho_factor, cho_solve
 from spc.analysis import Analysis
 from spc.analysis.rules.base import LinearLayer
 from spc.rewrite import unique_name
+from spc.weights import Spilled, loaded, read, release_freed_memory, store
+from spc.weights import is_external as weights_on_disk
 
 from .base import ImportancePass, PassContext, per_index_norm
-from .moments import MomentOptions, Propagator, channel_sensitivity
+from .moments import SPILL_BYTES, MomentOptions, Propagator, channel_sensitivity
 
 GREEDY_STEPS = 64
 Moments = dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass
 class Consumer:
-    """One layer that consumes prunable channels, with its weight as a [rows, n] matrix."""
+    """One layer that consumes prunable channels, with its weight as a [rows, n] matrix. ``matrix`` may be given as
+    a function that reads it: then it is read (and converted to float64) on each use and never held, so scoring a
+    model of many GB keeps one consumer's weight in memory at a time."""
 
-    layer: LinearLayer
-    matrix: np.ndarray  # float64 [rows, n]
-    labels: np.ndarray  # atom of each input channel [n]
-    out_index: np.ndarray  # output channel of each row [rows]
-    row_scale: np.ndarray  # per-row weight of the cost (a following BatchNorm's gamma / sigma)
-    moments: tuple[np.ndarray, np.ndarray] | None = None
+    def __init__(self, layer: LinearLayer, matrix, labels: np.ndarray, out_index: np.ndarray,
+                 row_scale: np.ndarray, moments=None):
+        self.layer = layer
+        self._matrix = matrix
+        self.labels = labels  # atom of each input channel [n]
+        self.out_index = out_index  # output channel of each row [rows]
+        self.row_scale = row_scale  # per-row weight of the cost (a following BatchNorm's gamma / sigma)
+        self.moments = moments  # (mean, E[xx^T]); the second may be spilled to disk (spc.weights.Spilled)
+
+    @property
+    def matrix(self) -> np.ndarray:  # float64 [rows, n]
+        return self._matrix() if callable(self._matrix) else self._matrix
+
+    @property
+    def width(self) -> int:
+        return int(self.labels.size)
+
+    def hessian(self) -> tuple[np.ndarray, np.ndarray]:
+        mean, second = self.moments
+        return mean, loaded(second)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -185,14 +203,15 @@ class _Sweep:
     G_cc / (H~^-1)_cc, of a block A tr((H~^-1)_AA^-1 G_AA))."""
 
     def __init__(self, consumer: Consumer, local: np.ndarray, damp: float, weight: float = 1.0):
-        n = consumer.matrix.shape[1]
+        n = consumer.width
         w = consumer.matrix * (consumer.row_scale * np.sqrt(weight))[:, None]
         self.gram = w.T @ w
         del w
         if consumer.moments is not None:
-            mean, second = consumer.moments
+            mean, second = consumer.hessian()
             h = augmented(mean, second)
             h[np.arange(n), np.arange(n)] += damping(mean, second, damp)
+            del second
         else:
             h = np.eye(n + 1)
         self.hinv = spd_inverse(h)
@@ -277,7 +296,7 @@ def output_energy(consumer: Consumer) -> float:
     w = consumer.matrix * consumer.row_scale[:, None]
     if consumer.moments is None:
         return float((w * w).sum())
-    mean, second = consumer.moments
+    mean, second = consumer.hessian()
     cov = second - np.outer(mean, mean)
     return float(np.einsum("ij,jk,ik->", w, cov, w))
 
@@ -341,7 +360,8 @@ class ObspaImportance(ImportancePass):
     def propagator(self, analysis: Analysis, wanted: list[tuple[str, int]]) -> Propagator:
         """The data-free propagation (moments and, backwards, output sensitivities), run once."""
         if self._propagator is None:
-            self._propagator = Propagator(analysis.graph, self.options)
+            self._propagator = Propagator(analysis.graph, self.options, spill_bytes=SPILL_BYTES,
+                                          keep_backward=self.weighting == "sensitivity")
             self._moments_free = self._propagator.run(wanted, everything=self.weighting == "sensitivity")
             self._propagator.run = lambda _wanted: self._moments_free  # already done
         return self._propagator
@@ -390,11 +410,11 @@ class ObspaImportance(ImportancePass):
             labels = analysis.dim_labels(key)
             if not prunable[labels].any():
                 continue
-            weight = graph.weight(layer.weight)
-            matrix = weight_matrix(weight, layer.weight_in_axis)
-            out_index = _row_out_index(weight.shape, layer.weight_in_axis, layer.weight_out_axis)
+            shape = graph.shape(layer.weight)
+            matrix = (lambda name=layer.weight, axis=layer.weight_in_axis: weight_matrix(graph.weight(name), axis))
+            out_index = _row_out_index(shape, layer.weight_in_axis, layer.weight_out_axis)
             consumers.append(Consumer(layer, matrix, labels, out_index,
-                                      self._row_scale(analysis, layer, weight.shape[layer.weight_out_axis])[out_index]))
+                                      self._row_scale(analysis, layer, shape[layer.weight_out_axis])[out_index]))
         return consumers
 
     @staticmethod
@@ -418,9 +438,10 @@ class ObspaImportance(ImportancePass):
         self._weight_rows(analysis, wanted)
         for consumer in self.consumers:
             found = self.moment_table.get(consumer.key)
-            if found is not None and found[0].size == consumer.matrix.shape[1]:
+            if found is not None and found[0].size == consumer.width:
                 mean = np.asarray(found[0], np.float64)
-                consumer.moments = (mean if self.fold_mean else np.zeros_like(mean), np.asarray(found[1], np.float64))
+                second = found[1] if isinstance(found[1], Spilled) else np.asarray(found[1], np.float64)
+                consumer.moments = (mean if self.fold_mean else np.zeros_like(mean), second)
         scores = np.zeros(analysis.atom_count)
         fallback = self._magnitude(analysis)
         group_of = np.full(analysis.atom_count, -1)
@@ -453,6 +474,7 @@ class ObspaImportance(ImportancePass):
                 if missing[group.atoms].any():
                     values = fallback[group.atoms]
                     scores[group.atoms] = level * values / max(values.mean(), 1e-300)
+        release_freed_memory()
         return self._rank(scores)
 
     def _rank(self, scores: np.ndarray) -> np.ndarray:
@@ -483,7 +505,9 @@ class ObspaImportance(ImportancePass):
         editor = _Editor(analysis, pruned, plan.removed)
         with _limit_threads():
             self._compensate_all(analysis, plan, editor)
-        return editor.finish()
+        model = editor.finish()
+        release_freed_memory()
+        return model
 
     def _compensate_all(self, analysis: Analysis, plan, editor: _Editor) -> None:
         for consumer in self.consumers:
@@ -494,13 +518,20 @@ class ObspaImportance(ImportancePass):
 
     def _one_shot(self, analysis: Analysis, consumer, removed, editor: "_Editor") -> None:
         """Least-squares update of one consumer from its (estimated or measured) input moments."""
-        mean, second = consumer.moments
+        mean, second = consumer.hessian()
         new, bias = compensation(consumer.matrix, mean, second, removed, self.damp)
+        del second
         editor.set_weight(consumer, new)
-        out_channels = analysis.graph.weight(consumer.layer.weight).shape[consumer.layer.weight_out_axis]
+        del new
+        out_channels = analysis.graph.shape(consumer.layer.weight)[consumer.layer.weight_out_axis]
         per_out = np.bincount(consumer.out_index, weights=bias, minlength=out_channels)
         if np.any(per_out != 0):
             editor.add_bias(consumer, per_out)
+
+
+def current_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    """The numpy type a tensor reads back as (without reading it)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
 
 
 class _Editor:
@@ -529,7 +560,8 @@ class _Editor:
 
     def array(self, name: str) -> np.ndarray:
         if name not in self.arrays:
-            self.arrays[name] = numpy_helper.to_array(self.inits[name]).copy()
+            array = read(self.inits[name])
+            self.arrays[name] = array if array.flags.writeable and array.flags.owndata else array.copy()
         return self.arrays[name]
 
     def fresh(self, base: str) -> str:
@@ -542,10 +574,15 @@ class _Editor:
         for axis in range(full.ndim):
             if axis != layer.weight_in_axis:
                 full = np.take(full, self.kept(layer.weight, axis), axis=axis)
-        current = self.array(layer.weight)
-        if current.shape != full.shape:
+        current = self.inits[layer.weight]
+        if tuple(current.dims) != full.shape:
             return  # the rewrite sliced this weight differently than expected: leave it as it is
-        self.arrays[layer.weight] = full.astype(current.dtype)
+        self.arrays.pop(layer.weight, None)
+        dtype = current_dtype(current)
+        if weights_on_disk(current):  # straight back to disk: the compensated weights are never all in memory
+            current.CopyFrom(store(numpy_helper.from_array(full.astype(dtype), current.name), current))
+            return
+        self.arrays[layer.weight] = full.astype(dtype)
 
     def _out_slice(self, consumer: Consumer, values: np.ndarray) -> np.ndarray:
         layer = consumer.layer
@@ -625,7 +662,8 @@ class _Editor:
         graph = self.model.graph
         for position, init in enumerate(graph.initializer):
             if init.name in self.arrays:
-                graph.initializer[position].CopyFrom(numpy_helper.from_array(self.arrays.pop(init.name), init.name))
+                tensor = numpy_helper.from_array(self.arrays.pop(init.name), init.name)
+                graph.initializer[position].CopyFrom(store(tensor, init))
         for name, array in self.arrays.items():
             graph.initializer.append(numpy_helper.from_array(array, name))
         return self.model

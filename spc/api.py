@@ -53,7 +53,9 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """Figures for people and tools (the CLI's --json)."""
+        """Figures for people and tools (the CLI's --json, ``summary.json`` in a bundle)."""
+        from .report import layer_costs
+
         plan = self.plan
         groups = []
         for group in self.analysis.prunable_groups:
@@ -69,6 +71,7 @@ class PruneResult:
             "reduction": {m: round(plan.reduction(m), 4) for m in ("macs", "params", "channels")},
             "speedup_macs": round(plan.before.macs / plan.after.macs, 3) if plan.after.macs else None,
             "groups": groups,
+            "layers": layer_costs(self.analysis, plan.before, plan.after, plan.removed),
             "validation": self.validation,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -79,7 +82,8 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa",
           seed: int = 0, allow_inexact: bool = False, dim_values: dict[str, int] | None = None,
           calibration: dict[str, np.ndarray] | None = None, check: bool = True,
           progress: Progress | None = None) -> PruneResult:
-    """Remove the fraction ``ratio`` of ``by`` (macs, params or channels), least important atoms first."""
+    """Remove the fraction ``ratio`` of ``by`` (macs, params or channels), least important atoms first. ``model``
+    is a path, a ModelProto, or the ``Analysis`` that ``spc.analyze`` returned for it (its analysis is reused)."""
     from .passes import PassContext, importance_pass
 
     check_budget(ratio, by)
@@ -88,10 +92,14 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa",
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    proto = _as_model(model)
     say("analysing channel coupling")
-    analysis = analyze(Graph(proto), allow_inexact=allow_inexact)
+    if isinstance(model, Analysis):
+        analysis = model if model.allow_inexact == allow_inexact else analyze(model.graph, allow_inexact)
+    else:
+        analysis = analyze(Graph(_as_model(model)), allow_inexact=allow_inexact)
     timings["analyse"] = time.perf_counter() - clock
+    if ratio > 0:
+        _check_something_prunable(analysis, model)
     scorer = importance_pass(criterion)
     say(f"scoring {analysis.atom_count} atoms with '{scorer.name}'")
     clock = time.perf_counter()
@@ -117,6 +125,21 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa",
         verdict = validate(pruned, analysis.graph, dim_values)
     timings["validate"] = time.perf_counter() - clock
     return PruneResult(pruned, plan, analysis, scorer.name, verdict, timings)
+
+
+def _check_something_prunable(analysis: Analysis, model) -> None:
+    """Writing an unpruned copy would look like success: refuse, with the most common reason channels are pinned."""
+    if any(group.size > 1 for group in analysis.prunable_groups):
+        return
+    from collections import Counter
+
+    from .report import channel_groups
+
+    reasons = Counter(g.pin_reason for g in channel_groups(analysis) if g.pin_reason and g.size > 1)
+    inner = Counter({r: n for r, n in reasons.items() if not r.startswith(("network input", "network output"))})
+    why = f" (mostly: {(inner or reasons).most_common(1)[0][0]})" if reasons else ""
+    source = f"{model}: " if isinstance(model, (str, os.PathLike)) else ""
+    raise SpcError(f"{source}nothing to prune: every channel group is pinned{why}; `spc analyze` lists why")
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:

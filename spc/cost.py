@@ -9,6 +9,7 @@ quickly enough to bisect on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,17 +41,17 @@ def node_macs(node, shape) -> int:
     op = node.op_type
     try:
         if op == "Conv":
-            return int(np.prod(shape(node.input[1]), dtype=np.int64) * shape(node.output[0])[0]
-                       * np.prod(shape(node.output[0])[2:], dtype=np.int64))
+            return int(math.prod(shape(node.input[1])) * shape(node.output[0])[0]
+                       * math.prod(shape(node.output[0])[2:]))
         if op == "ConvTranspose":
-            return int(np.prod(shape(node.input[1]), dtype=np.int64) * shape(node.input[0])[0]
-                       * np.prod(shape(node.input[0])[2:], dtype=np.int64))
+            return int(math.prod(shape(node.input[1])) * shape(node.input[0])[0]
+                       * math.prod(shape(node.input[0])[2:]))
         if op == "Gemm":
             a = shape(node.input[0])
             k = a[0] if _attr(node, "transA") else a[1]
-            return int(np.prod(shape(node.output[0]), dtype=np.int64) * k)
+            return int(math.prod(shape(node.output[0])) * k)
         if op == "MatMul":
-            return int(np.prod(shape(node.output[0]), dtype=np.int64) * shape(node.input[0])[-1])
+            return int(math.prod(shape(node.output[0])) * shape(node.input[0])[-1])
         if op == "Einsum":
             return _einsum_macs(node, shape)
         if op in ("LSTM", "GRU", "RNN"):
@@ -101,7 +102,8 @@ def count(graph: Graph, dim_values: dict[str, int] | None = None) -> Cost:
 
 
 class CostModel:
-    """Costs an arbitrary set of removed atoms without touching the model."""
+    """Costs an arbitrary set of removed atoms without touching the model. The planner's bisection calls
+    ``evaluate`` dozens of times, so everything that does not depend on the removal is worked out once."""
 
     def __init__(self, analysis: Analysis, dim_values: dict[str, int] | None = None):
         self.analysis = analysis
@@ -115,32 +117,60 @@ class CostModel:
         self.cost_nodes = [node for node in self.graph.nodes if node.op_type in COSTED_OPS]
         self.weights = [name for name in self.graph.initializers if self.graph.is_weight(name)]
         self.base = count(self.graph, self.dim_values)
+        self._axes: dict[str, tuple[tuple[int, ...] | None, list[tuple[int, int]]]] = {}
+        # the bisection only needs the dims of costed tensors: count kept indices over those elements alone
+        names = {name for node in self.cost_nodes for name in list(node.input) + list(node.output)}
+        self._tracked = [i for i, key in enumerate(self.keys) if key[0] in names or key[0] in self.graph.initializers]
+        spans = [np.arange(self.offsets[i], self.offsets[i] + self.sizes[i]) for i in self._tracked]
+        self._tracked_labels = analysis.labels[np.concatenate(spans)] if spans else np.zeros(0, dtype=np.int64)
+        self._tracked_offsets = np.r_[0, np.cumsum(self.sizes[self._tracked])[:-1]].astype(np.int64)
 
     def kept_counts(self, removed: np.ndarray) -> np.ndarray:
         """How many indices each dim keeps when the atoms flagged in ``removed`` go."""
-        if not self.keys:
+        if not self.keys or not self.analysis.labels.size:
             return self.sizes
-        kept = (~removed[self.analysis.labels]).astype(np.int64)
-        return np.add.reduceat(kept, self.offsets) if kept.size else self.sizes
+        return np.add.reduceat(~removed[self.analysis.labels], self.offsets, dtype=np.int64)
+
+    def _pruned_axes(self, name: str):
+        """(concrete shape before pruning, [(axis, dim index)] of the axes whose size pruning may change)."""
+        entry = self._axes.get(name)
+        if entry is None:
+            old = _concrete(self.graph.shape(name), self.dim_values)
+            axes = []
+            for axis in range(len(old) if old is not None else 0):
+                index = self.index.get((name, axis))
+                if index is not None and not self.analysis.space.dims[(name, axis)].dynamic:
+                    axes.append((axis, index))
+            entry = self._axes[name] = (old, axes)
+        return entry
+
+    def _counts(self, removed: np.ndarray) -> list[int]:
+        """``kept_counts`` of the tracked dims (the others are left at their full size, unread), as a list."""
+        counts = self.sizes.copy()
+        if self._tracked and self._tracked_labels.size:
+            counts[self._tracked] = np.add.reduceat(~removed[self._tracked_labels], self._tracked_offsets,
+                                                    dtype=np.int64)
+        return counts.tolist()
 
     def shape_function(self, removed: np.ndarray):
-        counts = self.kept_counts(removed)
-        dynamic = {key for key, info in self.analysis.space.dims.items() if info.dynamic}
+        """Tensor name -> its concrete shape once the atoms flagged in ``removed`` go."""
+        return self._shape(self.kept_counts(removed).tolist())
 
+    def _shape(self, counts: list[int]):
         def shape(name: str) -> tuple[int, ...] | None:
-            old = _concrete(self.graph.shape(name), self.dim_values)
-            if old is None:
-                return None
-            return tuple(
-                int(counts[self.index[(name, axis)]]) if (name, axis) in self.index and (name, axis) not in dynamic
-                else size
-                for axis, size in enumerate(old)
-            )
+            old, axes = self._pruned_axes(name)
+            if old is None or not axes:
+                return old
+            new = list(old)
+            for axis, index in axes:
+                new[axis] = counts[index]
+            return tuple(new)
 
         return shape
 
     def evaluate(self, removed: np.ndarray) -> Cost:
-        shape = self.shape_function(removed)
+        counts = self._counts(removed)
+        shape = self._shape(counts)
         per_node = {node.name: node_macs(node, shape) for node in self.cost_nodes}
-        params = sum(int(np.prod(shape(name), dtype=np.int64)) for name in self.weights)
+        params = sum(math.prod(shape(name)) for name in self.weights)
         return Cost(sum(per_node.values()), params, per_node)

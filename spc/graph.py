@@ -6,14 +6,18 @@ are resolved). Dynamic axes stay symbolic: a dimension is an ``int`` when static
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 
 from .io import captured_names, default_opset, light_copy
+from .weights import read as read_weight
 
 Dim = int | str
 Shape = tuple[Dim, ...]
@@ -26,16 +30,20 @@ FLOAT_TYPES = {
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes from ONNX Runtime's symbolic shape inference, which keeps dynamic axes named through masks,
     Expand and Reshape chains (onnx's own inference invents a new 'unk__' symbol at each of them), falling back to
-    onnx's inference with data propagation. Stale value_info is dropped first (some exporters write wrong shapes)."""
+    onnx's inference with data propagation. Stale value_info is dropped first (some exporters write wrong shapes).
+    onnx's inference runs first: when it leaves no hole and invents no symbol (most CNNs), it is the answer, and
+    the symbolic one (and importing sympy) is spared."""
     copy = light_copy(model)
     del copy.graph.value_info[:]
-    symbolic, complete = _symbolic_shapes(copy)
-    if complete:
-        return symbolic
     try:
         inferred = shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # inference gives up on some custom ops; keep what the model states
         inferred = copy
+    if _fully_named(inferred):
+        return inferred
+    symbolic, complete = _symbolic_shapes(copy)
+    if complete:
+        return symbolic
     if symbolic is not None:  # symbolic names where it got that far, onnx's shapes beyond
         known = {value.name for value in symbolic.graph.value_info}
         symbolic.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
@@ -43,14 +51,29 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
+def _fully_named(inferred: onnx.ModelProto) -> bool:
+    """Whether every node output has a tensor shape whose dims are sizes or the graph inputs' own symbols."""
+    graph = inferred.graph
+    symbols = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    values = {v.name: v for v in list(graph.value_info) + list(graph.output)}
+    for node in graph.node:
+        for name in node.output:
+            value = values.get(name)
+            if name and (value is None or not value.type.HasField("tensor_type")
+                         or not value.type.tensor_type.HasField("shape")):
+                return False
+            if name and not all(d.HasField("dim_value") or d.dim_param in symbols
+                                for d in value.type.tensor_type.shape.dim):
+                return False
+    return True
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, bool]:
     """ONNX Runtime's symbolic shape inference, driven step by step rather than through ``infer_shapes``: on an
     incomplete result that one writes a file into the current directory and raises, and partial shapes are
     still worth having. Returns (model with value_info, whether every shape was inferred)."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inference = SymbolicShapeInference(2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        inference = _symbolic_shape_inference()(2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
         complete = False
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             inference._preprocess(model)
@@ -60,6 +83,24 @@ def _symbolic_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, bo
         return inference.out_mp_, bool(complete)
     except Exception:  # it refuses some models outright (unknown ops, odd attributes)
         return None, False
+
+
+@functools.cache
+def _symbolic_shape_inference():
+    """ORT's SymbolicShapeInference class, loaded from its file: importing it through ``onnxruntime.tools`` runs
+    that package's ``__init__``, which imports torch whenever torch is installed (seconds, for nothing)."""
+    import sys
+
+    import onnxruntime
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name not in sys.modules:
+        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location("spc._ort_symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.SymbolicShapeInference
+    return sys.modules[name].SymbolicShapeInference
 
 
 class Graph:
@@ -119,7 +160,7 @@ class Graph:
         cached = self._weights.get(name)
         if cached is not None:
             return cached
-        array = numpy_helper.to_array(self.initializers[name])
+        array = read_weight(self.initializers[name])  # external data: read now, from disk, into plain memory
         if array.size <= 65536:
             self._weights[name] = array
         return array
@@ -165,34 +206,51 @@ def _needs_runtime_shapes(graph: "Graph") -> list[str]:
     return holes
 
 
-def _runtime_probe(graph: "Graph", names: list[str], sizes: dict[str, int]) -> dict[str, tuple] | None:
-    from .validate import example_inputs, run
+def _runtime_probe(graph: Graph, names: list[str], sizes: list[dict[str, int]]) -> list[dict[str, tuple]] | None:
+    """Shapes of ``names`` in one ONNX Runtime session of the model, run once per entry of ``sizes``. The tensors
+    are made outputs of the model itself for the session and removed again: a copy would copy every weight."""
+    from .validate import example_inputs, session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(graph.model)
-    existing = {v.name for v in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    outputs = graph.model.graph.output
+    count = len(outputs)
+    existing = {value.name for value in outputs}
+    holes = set(names)
+    wanted = [name for name in names if name not in existing]
     try:
-        outputs = run(probe, example_inputs(probe, sizes))
+        outputs.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
+        sess = session(graph.model, optimize=False)
+        feeds = [example_inputs(graph.model, values) for values in sizes]
     except Exception:
         return None
-    return {name: tuple(outputs[name].shape) for name in names if name in outputs}
+    finally:
+        del outputs[count:]
+    produced = [out.name for out in sess.get_outputs()]
+    shapes = []
+    for feed in feeds:
+        try:
+            values = sess.run(produced, feed)
+        except Exception:
+            return None
+        # non-tensor outputs (sequences, maps such as skl2onnx's ZipMap) have no shape: nothing to learn from them
+        shapes.append({name: tuple(value.shape) for name, value in zip(produced, values)
+                       if name in holes and hasattr(value, "shape")})
+    return shapes
 
 
 def fill_shapes_from_runtime(self: Graph) -> None:
-    """Fill holes left by shape inference by running the model in ONNX Runtime twice, with different sizes for the
-    dynamic axes: a size that changes between the runs is dynamic (named after the input axis it follows)."""
+    """Fill holes left by shape inference by running the model in ONNX Runtime twice (one session), with different
+    sizes for the dynamic axes: a size that changes between the runs is dynamic (named after the input axis it
+    follows)."""
     holes = _needs_runtime_shapes(self)
     if not holes:
         return
     symbols = sorted({d for name in self.inputs for d in (self.shapes.get(name) or ()) if isinstance(d, str)})
     first = {symbol: 2 + 2 * i for i, symbol in enumerate(symbols)}
     second = {symbol: 3 + 2 * i for i, symbol in enumerate(symbols)}
-    a, b = _runtime_probe(self, holes, first), _runtime_probe(self, holes, second)
-    if a is None or b is None:
+    probed = _runtime_probe(self, holes, [first, second])
+    if probed is None:
         return
+    a, b = probed
     by_pair = {(first[s], second[s]): s for s in symbols}
     for name in holes:
         if name not in a or name not in b or len(a[name]) != len(b[name]):

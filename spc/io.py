@@ -1,11 +1,12 @@
 """Loading and saving ONNX files.
 
 Loading turns whatever an exporter wrote into the one form the analysis expects, on a copy (the input file is never
-touched): external data resolved (a missing file is a clear error), opsets below 11 lifted with onnx's version
-converter, weights held in Constant nodes moved to initializers, initializers removed from the graph inputs, every
-node named, nodes sorted topologically, and the graph checked. Saving validates nothing by itself (see
-``spc.validate``) but is atomic: a temporary file beside the target is renamed over it, so a reader never sees a
-half-written model.
+touched): external data checked but left on disk and read lazily (``spc.weights``; a missing file is a clear
+error), opsets below 11 lifted with onnx's version converter, weights held in Constant nodes moved to initializers,
+initializers removed from the graph inputs, every node named, nodes sorted topologically, and the graph checked.
+Saving validates nothing by itself (see ``spc.validate``; external data is checked with onnx.checker on the written
+file) but is atomic: a temporary file beside the target is renamed over it, so a reader never sees a
+half-written model; with external data the ``.data`` file is streamed tensor by tensor and renamed first.
 """
 
 from __future__ import annotations
@@ -17,21 +18,25 @@ from pathlib import Path
 import networkx as nx
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, numpy_helper
+from onnx import numpy_helper
 
+from . import lazyproto, weights
 from .errors import SpcError
 
 MIN_OPSET = 11
 _TWO_GB = 2**31 - 1
+LAZY_FILE_BYTES = 64 << 20  # single files this large keep their weights on disk until read (spc.lazyproto)
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     """Read ``path`` and return a normalised copy of the model, or raise ``SpcError`` naming what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise SpcError(f"{path}: no such file")
+        raise SpcError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = lazyproto.load_light(path) if path.stat().st_size >= LAZY_FILE_BYTES else None
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise SpcError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
@@ -48,24 +53,9 @@ def from_proto(model: onnx.ModelProto, source: str = "<model>") -> onnx.ModelPro
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    base = path.parent
-    for tensor in external_data_helper._get_all_tensors(model):
-        if not external_data_helper.uses_external_data(tensor):
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = base / info.location
-        if not location.is_file():
-            raise SpcError(f"{path}: external data file '{info.location}' of initializer '{tensor.name}' not found")
-        size = location.stat().st_size
-        if info.length and info.offset + info.length > size:
-            raise SpcError(
-                f"{path}: external data file '{info.location}' is truncated "
-                f"(initializer '{tensor.name}' needs bytes up to {info.offset + info.length}, file has {size})"
-            )
-    try:
-        external_data_helper.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as exc:
-        raise SpcError(f"{path}: cannot read external data ({exc})") from None
+    """External weights stay on disk (read one at a time when a pass needs them, see ``spc.weights``); only their
+    files are checked here."""
+    weights.anchor(model, path.parent, str(path))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -118,7 +108,7 @@ def light_copy(model: onnx.ModelProto, keep_elements: int = 4096) -> onnx.ModelP
         count = 1
         for dim in init.dims:
             count *= dim
-        if count <= keep_elements:
+        if count <= keep_elements and not weights.is_external(init):
             light.graph.initializer.append(init)
         else:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
@@ -279,37 +269,56 @@ def toposort(graph: onnx.GraphProto) -> None:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically; models over 2 GB (or when asked) keep weights in ``<name>.data``."""
+    """Write ``model`` to ``path`` atomically. Models whose weights live on disk, models over 2 GB, or when asked:
+    the weights go to ``<name>.data`` beside it, streamed one tensor at a time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = model.ByteSize() >= _TWO_GB
+        external_data = weights.needs_data_file(model) or weights.total_bytes(model) >= _TWO_GB
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp_data = None
     try:
         if external_data:
-            data_name = f"{path.name}.data"
-            tmp_data = path.parent / f".{data_name}.tmp"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # The proto names the final data file; rewrite locations before the rename.
-            final = onnx.load(str(tmp), load_external_data=False)
-            for tensor in external_data_helper._get_all_tensors(final):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(final, str(tmp))
-            os.replace(tmp_data, path.parent / data_name)
+            tmp_data = _save_external(model, path, tmp)
         else:
             with open(tmp, "wb") as handle:
-                handle.write(model.SerializeToString())
+                if weights.has_external(model):  # weights still on disk: streamed in, one at a time
+                    lazyproto.write_inline(model, handle)
+                else:
+                    handle.write(model.SerializeToString())
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, tmp_data):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
     return path
+
+
+def _save_external(model: onnx.ModelProto, path: Path, tmp: Path) -> Path:
+    """Weights into a temporary data file, the graph checked on disk (onnx.checker on the path: a proto over 2 GB
+    cannot be checked in memory), then the data file renamed to ``<name>.data``; the caller renames the graph."""
+    data_name = f"{path.name}.data"
+    fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_data = Path(data_tmp)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # weights on disk are references: this copies the graph, not the weights
+    weights.write_external(copy, tmp_data, tmp_data.name)
+    onnx.save_model(copy, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp))
+    except onnx.checker.ValidationError as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "validation failed")
+        if "deprecated" not in first:
+            raise SpcError(f"refusing to write {path}: onnx.checker rejects the written model ({first[:200]})") from None
+    for tensor in weights.all_tensors(copy):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save_model(copy, str(tmp))
+    os.replace(tmp_data, path.parent / data_name)
+    return tmp_data

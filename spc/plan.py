@@ -56,7 +56,7 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
     check_budget(ratio, by)
     cost_model = cost_model or CostModel(analysis)
     groups = [g for g in analysis.prunable_groups if g.size > 1]
-    order_in_group, entries = {}, []
+    order_in_group, values_in_order, ids_in_order = {}, [], []
     normalised_scores = np.zeros(analysis.atom_count)
     for group in groups:
         values = scores[group.atoms]
@@ -65,9 +65,11 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
         normalised_scores[group.atoms] = normalised
         order = np.argsort(normalised, kind="stable")
         order_in_group[group.id] = group.atoms[order]
-        entries.extend((float(normalised[i]), group.id) for i in order)
-    entries.sort(key=lambda entry: entry[0])
-    ranking = np.array([gid for _, gid in entries], dtype=np.int64)
+        values_in_order.append(normalised[order])
+        ids_in_order.append(np.full(group.size, group.id, dtype=np.int64))
+    # every atom of every group, least important first (a stable sort: ties keep group order)
+    ids = np.concatenate(ids_in_order) if groups else np.zeros(0, dtype=np.int64)
+    ranking = ids[np.argsort(np.concatenate(values_in_order), kind="stable")] if groups else ids
     by_id = {group.id: group for group in groups}
 
     def removal(k: int) -> tuple[np.ndarray, dict[int, int]]:

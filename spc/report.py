@@ -75,3 +75,38 @@ def analysis_text(summary: dict, source: str) -> str:
         rows = [[g["group"], g["name"], g["units"], g["pinned"]] for g in pinned]
         out += ["", table(["#", "pinned group", "units", "why"], rows, {0, 2})]
     return "\n".join(out)
+
+
+def layer_costs(analysis: Analysis, before, after, removed: np.ndarray) -> list[dict]:
+    """MACs, weight parameters and output channels of each costed layer before and after removing ``removed``
+    (``before``/``after`` are the plan's ``Cost``s, whose per-node MACs honour ``--dim``)."""
+    graph = analysis.graph
+    costs = CostModel(analysis)
+    new_shape = costs.shape_function(removed)
+    axes = {layer.node: layer.output_axis for layer in analysis.layers}
+    rows = []
+    for node in costs.cost_nodes:
+        weights = [name for name in node.input if name and graph.is_weight(name)]
+        old_shape = lambda name: graph.shape(name) or ()  # noqa: E731
+        axis = axes.get(node.name, 1 if node.op_type.startswith("Conv") else -1)
+        rows.append({
+            "node": node.name, "op": node.op_type,
+            "macs": {"before": before.node_macs.get(node.name, 0), "after": after.node_macs.get(node.name, 0)},
+            "params": {"before": sum(_size(old_shape(w)) for w in weights),
+                       "after": sum(_size(new_shape(w) or ()) for w in weights)},
+            "channels": {"before": _dim(old_shape(node.output[0]), axis),
+                         "after": _dim(new_shape(node.output[0]), axis)},
+        })
+    return rows
+
+
+def _size(shape) -> int:
+    return int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+
+
+def _dim(shape, axis: int):
+    try:
+        value = shape[axis]
+    except (TypeError, IndexError):
+        return None
+    return value if isinstance(value, int) else None

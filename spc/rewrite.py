@@ -16,6 +16,7 @@ from .analysis import Analysis
 from .analysis.rules import rule_for
 from .errors import SpcError
 from .io import toposort
+from .weights import store
 
 
 
@@ -183,8 +184,8 @@ class Rewriter:
                 rule.update(RewriteContext(self, old_node, new_node))
         for position, init in enumerate(new_graph.initializer):
             array = self.sliced_weight(init.name) if graph.is_weight(init.name) else None
-            if array is not None:
-                new_graph.initializer[position].CopyFrom(_to_tensor(array, init))
+            if array is not None:  # a weight read from disk goes back to disk (the spool), not into the proto
+                new_graph.initializer[position].CopyFrom(store(_to_tensor(array, init), init))
         for name, array in self.new_initializers.items():
             new_graph.initializer.append(numpy_helper.from_array(array, name))
         if self.new_nodes:

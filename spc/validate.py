@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from . import weights
 from .errors import SpcError
 from .graph import infer_shapes
 from .io import checker_problem
@@ -43,7 +44,100 @@ def session(model: onnx.ModelProto, optimize: bool = True):
     options.log_severity_level = 3
     if not optimize:  # a one-off run: graph optimisations would cost more than they save
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # idle worker threads that spin take the cores from the thread building the session on a small machine
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if weights.has_external(model):
+        return _session_from_file(model, options)
+    proto, keep = _weights_apart(model, options)
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess._spc_weights = keep  # the arrays handed over must outlive the session
+    return sess
+
+
+def _session_from_file(model: onnx.ModelProto, options):
+    """A model whose weights are on disk runs from a file written for it (streamed, one tensor at a time): ONNX
+    Runtime maps an external data file and uses the weights in place, where weights handed over as arrays are
+    copied into its own memory (measured: twice the weights' size in the process). The files go with the session."""
+    import shutil
+    import weakref
+
+    import onnxruntime as ort
+
+    folder = weights.SPOOL.scratch_dir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    weights.write_external(copy, folder / "model.onnx.data", "model.onnx.data")
+    onnx.save_model(copy, str(folder / "model.onnx"))
+    del copy
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    try:
+        sess = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(sess, shutil.rmtree, str(folder), True)
+    return sess
+
+
+_APART_BYTES = 1 << 16  # smaller in-memory initializers stay in the serialised model
+
+
+def _weights_apart(model: onnx.ModelProto, options) -> tuple[onnx.ModelProto, list]:
+    """The model to serialise for ONNX Runtime, with its weights handed over apart as external initializers:
+    those on disk as read-only mapped arrays (no copy in this process, no file ORT would have to resolve), large
+    in-memory ones as arrays over their bytes. Serialising hundreds of MB into a string that ORT parses into a
+    copy of its own costs more than the run. Prepacked and arena copies are disabled: the weights are needed once."""
+    import onnxruntime as ort
+
+    names, values, keep = [], [], []
+    for init in model.graph.initializer:
+        array = weights.mapped(init) if weights.is_external(init) else _raw_array(init)
+        if array is not None:
+            keep.append(array)
+            names.append(init.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(array)))
+    if not names:
+        return model, []
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    options.add_external_initializers(names, values)
+    return _stubbed(model, set(names)), keep + values
+
+
+def _raw_array(init: onnx.TensorProto) -> np.ndarray | None:
+    """A large in-memory initializer of a plain numpy type as an array over its bytes; None for anything else
+    (small, other encodings, or bytes that do not match the dims: ORT then reads, and judges, the tensor itself)."""
+    dtype = _NP_TYPES.get(init.data_type)
+    if dtype is None or not init.HasField("raw_data"):
+        return None
+    count = int(np.prod(init.dims, dtype=np.int64))
+    if count * np.dtype(dtype).itemsize < _APART_BYTES:
+        return None
+    raw = init.raw_data
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        return None
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(init.dims))
+
+
+def _stubbed(model: onnx.ModelProto, apart: set[str]) -> onnx.ModelProto:
+    """The model without the bytes of the initializers in ``apart``: each becomes an external reference that the
+    session's external initializers replace (ORT never opens its location)."""
+    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, target = model.graph, light.graph
+    target.name = graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(target, field).extend(getattr(graph, field))
+    for init in graph.initializer:
+        if init.name not in apart:
+            target.initializer.append(init)
+            continue
+        stub = target.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="spc-weights-in-memory")
+    return light
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = True) -> dict[str, np.ndarray]:

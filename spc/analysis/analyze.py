@@ -18,6 +18,7 @@ import onnx
 from ..graph import Graph
 from ..io import node_inputs
 from .coupling import DimKey, DimSpace
+from .grouping import same_dim_classes, unique_ints
 from .rules import LinearLayer, OpContext, RuleRefused, rule_for
 
 MAX_CHOICE_ROUNDS = 32
@@ -78,7 +79,7 @@ class Analysis:
         reason = np.full(self.atom_count, -1, dtype=np.int64)
         inexact = np.full(self.atom_count, -1, dtype=np.int64)
         for index, pin in enumerate(self.space.pins):
-            atoms = np.unique(self.labels[pin.elements])
+            atoms = self.labels[pin.elements]  # repeats are harmless in these assignments
             if pin.soft and self.allow_inexact:
                 inexact[atoms[inexact[atoms] < 0]] = index
                 continue
@@ -100,26 +101,25 @@ class Analysis:
         # element ids are allocated dim after dim, in the order the dims were created
         element_dim = np.repeat(np.arange(len(keys)), [self.space.dims[k].size for k in keys])
         relevant = has_weight[self.labels]
-        pairs = np.unique(self.labels[relevant] * len(keys) + element_dim[relevant])
-        atoms_of_pairs, dims_of_pairs = pairs // len(keys), pairs % len(keys)
-        boundaries = np.flatnonzero(np.diff(atoms_of_pairs)) + 1
-        by_signature: dict[tuple, list[int]] = {}
-        for atom_dims, atom in zip(np.split(dims_of_pairs, boundaries), atoms_of_pairs[np.r_[0, boundaries]]):
-            signature = (tuple(atom_dims.tolist()), int(self.pin_reasons[atom]), int(self.inexact[atom]))
-            by_signature.setdefault(signature, []).append(int(atom))
+        pairs = unique_ints(self.labels[relevant] * len(keys) + element_dim[relevant])
+        classes = same_dim_classes(pairs // len(keys), pairs % len(keys), len(keys), [self.pin_reasons, self.inexact])
+        atom_class = np.full(self.atom_count, -1, dtype=np.int64)
         groups = []
-        for (dims, reason, inexact), atoms in by_signature.items():
+        for index, (atoms, dims) in enumerate(classes):
+            atom_class[atoms] = index
+            reason, inexact = int(self.pin_reasons[atoms[0]]), int(self.inexact[atoms[0]])
             group = Group(
-                id=len(groups),
-                atoms=np.array(atoms, dtype=np.int64),
-                dims=[keys[d] for d in dims],
+                id=index,
+                atoms=atoms,
+                dims=[keys[d] for d in dims.tolist()],
                 pin_reason=self.space.pins[reason].reason if reason >= 0 else None,
                 inexact_reason=self.space.pins[inexact].reason if inexact >= 0 else None,
             )
             if group.pin_reason is None and all(self.graph.is_weight(key[0]) for key in group.dims):
                 group.pin_reason = "an axis of constants that no activation follows"
-            self._describe(group)
             groups.append(group)
+        for group in groups:
+            self._describe(group, atom_class)
         groups.sort(key=lambda g: (g.pin_reason is not None, self._first_node_index(g)))
         for index, group in enumerate(groups):
             group.id = index
@@ -132,9 +132,18 @@ class Analysis:
     def _first_node_index(self, group: Group) -> int:
         return min((self._node_index.get(name, 1 << 30) for name in group.nodes), default=1 << 30)
 
-    def _describe(self, group: Group) -> None:
-        dims = set(group.dims)
-        producers = [layer for layer in self.layers if (layer.weight, layer.weight_out_axis) in dims]
+    @cached_property
+    def _layer_of_output(self) -> dict[DimKey, int]:
+        """Index of the first linear layer producing along each (weight, output axis)."""
+        first: dict[DimKey, int] = {}
+        for index, layer in enumerate(self.layers):
+            first.setdefault((layer.weight, layer.weight_out_axis), index)
+        return first
+
+    def _describe(self, group: Group, atom_class: np.ndarray) -> None:
+        """Name, nodes and width of ``group`` (whose atoms ``atom_class`` maps to ``group.id``)."""
+        found = [self._layer_of_output[key] for key in group.dims if key in self._layer_of_output]
+        producers = [self.layers[min(found)]] if found else []
         nodes: list[str] = []
         for key in group.dims:
             if self.graph.is_weight(key[0]):
@@ -143,7 +152,7 @@ class Analysis:
         weight_keys = [key for key in group.dims if self.graph.is_weight(key[0])]
         main = (producers[0].weight, producers[0].weight_out_axis) if producers else weight_keys[0]
         labels = self.dim_labels(main)
-        group.width = max(1, int(np.isin(labels, group.atoms).sum()) // max(group.size, 1))
+        group.width = max(1, int((atom_class[labels] == group.id).sum()) // max(group.size, 1))
         if producers:
             head = producers[0]
             node = self.graph.node_by_name[head.node]
