@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from .analysis import Analysis
 from .analysis.rules.base import NEUTRAL_FILL, ROLE_WEIGHT
+from .analysis.rules.quant import masked_quantized_weights
 
 
 def mask_removal(analysis: Analysis, removed: np.ndarray) -> onnx.ModelProto:
@@ -27,6 +28,7 @@ def mask_removal(analysis: Analysis, removed: np.ndarray) -> onnx.ModelProto:
         index = [slice(None)] * array.ndim
         index[axis] = gone
         array[tuple(index)] = NEUTRAL_FILL.get(analysis.roles.get(tensor, ROLE_WEIGHT), 0.0)
+    arrays.update(masked_quantized_weights(analysis, removed))  # integer weights: removed slices at zero point
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     for position, init in enumerate(model.graph.initializer):

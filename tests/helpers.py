@@ -88,17 +88,19 @@ def close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-4, atol: float = 1e-5) 
 
 
 def check_oracle(model: onnx.ModelProto, *, trials: int = 2, seed: int = 0, dim_values=None,
-                 allow_inexact: bool = False, min_groups: int = 1, rtol: float = 1e-4):
+                 allow_inexact: bool = False, min_groups: int = 1, rtol: float = 1e-4, optimize: bool = True):
     """Masking and removing the same atoms give the same outputs, per group and all groups at once; removing
-    nothing gives the original outputs. Returns the analysis for further assertions."""
+    nothing gives the original outputs. Returns the analysis for further assertions. ``optimize=False`` runs ONNX
+    Runtime without graph optimisations (its fused quantised kernels, e.g. MatMulNBits, approximate differently
+    for different widths)."""
     proto = from_proto(model)
     analysis = spc.analyze(proto, allow_inexact=allow_inexact)
     assert not analysis.records.get("rule_errors"), analysis.records.get("rule_errors")
     groups = [g for g in analysis.prunable_groups if g.size > 1]
     assert len(groups) >= min_groups, f"expected >= {min_groups} prunable groups, got {len(groups)}"
     feeds = example_inputs(proto, dim_values or {}, seed=seed)
-    original = run(proto, feeds)
-    untouched = run(spc.apply_removal(analysis, np.zeros(analysis.atom_count, dtype=bool)), feeds)
+    original = run(proto, feeds, optimize)
+    untouched = run(spc.apply_removal(analysis, np.zeros(analysis.atom_count, dtype=bool)), feeds, optimize)
     for name, value in original.items():
         assert close(value, untouched[name], rtol=1e-6, atol=1e-6), f"pruning nothing changed output {name}"
     rng = np.random.default_rng(seed)
@@ -114,11 +116,11 @@ def check_oracle(model: onnx.ModelProto, *, trials: int = 2, seed: int = 0, dim_
         together[rng.choice(group.atoms, size=group.size // 2, replace=False)] = True
     plans.append(("all groups", together))
     for label, removed in plans:
-        masked = run(spc.mask_removal(analysis, removed), feeds)
+        masked = run(spc.mask_removal(analysis, removed), feeds, optimize)
         pruned_model = spc.apply_removal(analysis, removed)
         assert checker_problem(pruned_model) is None, checker_problem(pruned_model)
         assert _param_count(pruned_model) < _param_count(proto), f"{label}: nothing was removed"
-        pruned = run(pruned_model, feeds)
+        pruned = run(pruned_model, feeds, optimize)
         for name, value in masked.items():
             if allow_inexact and any(g.inexact_reason for g in groups):
                 assert pruned[name].shape == value.shape

@@ -35,8 +35,9 @@ def conv(ctx):
         ctx.tie(w, out_axis, y, 1)
         if b:
             ctx.tie(b, 0, y, 1)
-        ctx.layer(LinearLayer(ctx.node.name, "convtranspose" if transposed else "conv", w, in_axis, out_axis,
-                              x, 1, y, 1, b or None))
+        if ctx.graph.is_weight(w):  # a computed weight (dequantised, weight-normed) has no matrix to compensate
+            ctx.layer(LinearLayer(ctx.node.name, "convtranspose" if transposed else "conv", w, in_axis, out_axis,
+                                  x, 1, y, 1, b or None))
         return
     in_channels, out_channels = _channels(ctx, x), _channels(ctx, y)
     if in_channels % groups or out_channels % groups:
