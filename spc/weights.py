@@ -82,7 +82,10 @@ def anchor(model: onnx.ModelProto, base: Path, source: str) -> None:
             continue
         _drop_entry(tensor, BASEPATH)  # only spc's own record of where the bytes are is trusted
         where = location(tensor, base)
-        name = where.path.relative_to(base) if where.path.is_relative_to(base) else where.path
+        if not where.path.resolve().is_relative_to(base):  # as onnx's loader: a model reads only beside itself
+            raise SpcError(f"{source}: external data location '{_entry(tensor, 'location')}' of initializer "
+                           f"'{tensor.name}' points outside the model's folder")
+        name = where.path.relative_to(base)
         if not where.path.is_file():
             raise SpcError(f"{source}: external data file '{name}' of initializer '{tensor.name}' not found")
         size = where.path.stat().st_size
@@ -94,6 +97,10 @@ def anchor(model: onnx.ModelProto, base: Path, source: str) -> None:
         entry.key, entry.value = BASEPATH, str(base)
         if int(np.prod(tensor.dims, dtype=np.int64)) <= INLINE_ELEMENTS:  # shape constants, norm scales: the
             inline(tensor)  # checker and shape inference read those, and they cost nothing to hold
+
+
+def _entry(tensor: onnx.TensorProto, key: str) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == key), "")
 
 
 def _drop_entry(tensor: onnx.TensorProto, key: str) -> None:

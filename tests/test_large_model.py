@@ -114,6 +114,21 @@ def test_broken_external_data_is_one_line(decoder, tmp_path, capsys, damage):
         spc.load(copy)
 
 
+def test_external_data_outside_the_model_folder_is_refused(decoder, tmp_path, capsys):
+    """A model may only read external data beside itself (as onnx's loader): '../x' is a one-line error."""
+    model = onnx.load(str(decoder), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../" + decoder.parent.name + "/" + entry.value
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save(model, str(inner / "model.onnx"))
+    assert cli_main(["analyze", str(inner / "model.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "outside the model's folder" in err
+
+
 def test_single_file_model_is_read_lazily_and_written_whole(decoder, tmp_path, monkeypatch):
     inline = tmp_path / "inline.onnx"
     onnx.save(onnx.load(str(decoder)), str(inline))
