@@ -297,3 +297,18 @@ def test_conv_weight_computed_at_run_time_prunes_with_obspa():
     check_oracle(model, min_groups=2)
     result = spc.prune(model, ratio=0.4, round_to=1)  # OBSPA compensates only constant weights
     assert result.summary()["reduction"]["macs"] >= 0.4
+
+
+def test_non_tensor_outputs_do_not_break_shape_probing():
+    """skl2onnx's default classifier output is a ZipMap (a sequence of maps): shapes come from the tensors only."""
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+    from skl2onnx import to_onnx
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=30, random_state=0).fit(x[:300], y[:300])
+    model = to_onnx(clf, x[:1])  # zipmap on: outputs 'output_label' and a sequence of maps
+    assert any(node.op_type == "ZipMap" for node in model.graph.node)
+    result = spc.prune(spc.io.from_proto(model), ratio=0.3, criterion="l1", round_to=1)
+    assert result.plan.kept and "passed" in result.validation
