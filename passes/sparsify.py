@@ -7,6 +7,9 @@ according to transB, Conv W[Co, Ci/g, kh, kw] -> [Co, Ci/g*kh*kw]): a (4, 1) blo
 channels x 1 input, the layout spc's block-sparse (BSR) kernels consume. Edge blocks of dimensions that are not a
 multiple of the block are ranked by their RMS so that they compete fairly with full blocks.
 
+``sparsity`` may also be a map {weight name: fraction}: only those weights are sparsified, each at its own fraction
+(the per-layer choice of ``--speedup``); the others are reported as skipped.
+
 The input model is not modified. Weights shared by several layers are sparsified once (the first layer wins).
 """
 
@@ -39,7 +42,7 @@ class LayerSparsity:
 
 @dataclass
 class SparsifyReport:
-    target_sparsity: float
+    target_sparsity: float | dict[str, float]
     block: list[int]
     layers: list[LayerSparsity]
 
@@ -117,9 +120,30 @@ def block_mask(w_out_in: np.ndarray, sparsity: float, block: tuple[int, int]) ->
     return mask
 
 
+def zeroed_magnitude(w_out_in: np.ndarray, sparsity: float, block: tuple[int, int]) -> float:
+    """Share of the weight's L1 magnitude in the blocks ``block_mask`` zeroes at ``sparsity`` (what they are worth)."""
+    total = float(np.abs(w_out_in).sum())
+    if total <= 0 or sparsity <= 0:
+        return 0.0
+    mask = block_mask(w_out_in, sparsity, block)
+    return float(np.abs(w_out_in[~mask]).sum()) / total
+
+
+def _check_fractions(sparsity) -> dict[str, float] | None:
+    """The per-weight map (validated), or None for one global fraction (validated)."""
+    if isinstance(sparsity, dict):
+        for name, value in sparsity.items():
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"sparsity of weight {name!r} must be in [0, 1), got {value}")
+        return {str(k): float(v) for k, v in sparsity.items()}
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return None
+
+
 def sparsify(
     model,
-    sparsity: float,
+    sparsity: float | dict[str, float],
     block: tuple[int, int] = (4, 1),
     min_size: int = DEFAULT_MIN_SIZE,
     skip: dict[str, str] | None = None,
@@ -127,9 +151,9 @@ def sparsify(
     """Return (sparsified copy of ``model``, SparsifyReport).
 
     ``skip`` maps weight (initializer) names to a reason to leave them dense, e.g. a target's cost model saying
-    that the block-sparse kernel would not be faster for that layer."""
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    that the block-sparse kernel would not be faster for that layer. A map ``sparsity`` gives each weight its own
+    fraction; weights it does not name stay dense."""
+    per_weight = _check_fractions(sparsity)
     block = tuple(int(b) for b in block)
     if len(block) != 2 or min(block) < 1:
         raise ValueError(f"block must be two positive ints, got {block}")
@@ -160,12 +184,15 @@ def sparsify(
             rec.skipped = "weight shared with an earlier layer (sparsified there)"
         elif skip and name in skip:
             rec.skipped = skip[name] or "skipped by the caller"
+        elif per_weight is not None and not per_weight.get(name):
+            rec.skipped = "dense in the per-layer sparsity map"
+        fraction = per_weight.get(name, 0.0) if per_weight is not None else float(sparsity)
         w_out_in = view[0] if view is not None else None
         if w_out_in is not None:
             br, bc = block
             rec.blocks = (-(-shape[0] // br)) * (-(-shape[1] // bc))
-        if not rec.skipped and sparsity > 0:
-            mask = block_mask(w_out_in, sparsity, block)
+        if not rec.skipped and fraction > 0:
+            mask = block_mask(w_out_in, fraction, block)
             new_view = np.where(mask, w_out_in, 0).astype(w.dtype)
             init.CopyFrom(numpy_helper.from_array(view[1](new_view), name))
             w_out_in = new_view
@@ -174,7 +201,7 @@ def sparsify(
             rec.zero_blocks = _zero_blocks(w_out_in, block)
             rec.sparsity = round(rec.zero_blocks / rec.blocks, 4) if rec.blocks else 0.0
         layers.append(rec)
-    return model, SparsifyReport(float(sparsity), list(block), layers)
+    return model, SparsifyReport(per_weight if per_weight is not None else float(sparsity), list(block), layers)
 
 
 def _zero_blocks(w_out_in: np.ndarray, block: tuple[int, int]) -> int:

@@ -78,9 +78,15 @@ def cmd_prune(args) -> int:
     model = api.load(args.model)
     calibration = load_npz(args.calib, model)[0] if args.calib else None
     evaluation = load_npz(args.eval, model) if args.eval else None
-    result = api.prune(model, ratio=ratio, by=args.by, criterion=args.criterion, round_to=args.round_to,
-                       seed=args.seed, allow_inexact=args.allow_inexact, dim_values=_dims(args.dim),
-                       calibration=calibration, progress=progress)
+    latency = None
+    if args.speedup is not None:  # budget: measured latency on --target (spc/speedup.py)
+        from .speedup import cli_prune
+
+        result, latency = cli_prune(args, model, calibration, progress, args.target)
+    else:
+        result = api.prune(model, ratio=ratio, by=args.by, criterion=args.criterion, round_to=args.round_to,
+                           seed=args.seed, allow_inexact=args.allow_inexact, dim_values=_dims(args.dim),
+                           calibration=calibration, progress=progress)
     summary = result.summary()
     if evaluation is not None:
         progress(f"evaluating on {args.eval}")
@@ -92,6 +98,12 @@ def cmd_prune(args) -> int:
     progress(f"writing {output}")
     api.save(result.model, output, source=args.model)
     summary["output"] = str(output)
+    if latency is not None:
+        summary["latency"] = {"file": str(output.with_suffix(".latency.json")), **latency["result"]}
+        output.with_suffix(".latency.json").write_text(json.dumps(latency, indent=2) + "\n")
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -103,7 +115,9 @@ def cmd_prune(args) -> int:
         ev = summary["eval"]
         rows.append([ev["metric"], f"{ev['before']:.4f}", f"{ev['after']:.4f}", f"{ev['after'] - ev['before']:+.4f}"])
     print(table(["", "before", "after", "change"], rows, {1, 2, 3}))
-    print(f"\n{len(summary['groups'])} groups pruned by '{summary['criterion']}' to remove {ratio:.0%} of {args.by}"
+    budget = (f"run {args.speedup}x faster on {args.target} (measured {latency['result']['measured_speedup']}x)"
+              if latency is not None else f"remove {ratio:.0%} of {args.by}")
+    print(f"\n{len(summary['groups'])} groups pruned by '{summary['criterion']}' to {budget}"
           f" ({summary['speedup_macs']}x fewer MACs); {summary['validation']}")
     print(f"wrote {output}")
     return 0
@@ -119,6 +133,18 @@ def cmd_run(args) -> int:
     from .compile import run_cli
 
     return run_cli(args)
+
+
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import sensitivity_cli
+
+    return sensitivity_cli(args, Progress(not (args.json or args.quiet)))
+
+
+def cmd_report(args) -> int:
+    from .report_html import report_cli
+
+    return report_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep channel counts multiples of N (default: the CPU's vector width; 1 opts out)")
         p.add_argument("--calib", help=".npz of calibration inputs for data-driven criteria")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--speedup", type=float, default=None,
+                       help="instead of --ratio: prune until the model measured on --target runs S times faster")
+        p.add_argument("--rpc", metavar="HOST:PORT", help="with --speedup: measure on a device via a TVM RPC server "
+                       "(or a tracker, with --rpc-key)")
+        p.add_argument("--rpc-key", help="with --rpc: the device's key at the RPC tracker")
+        p.add_argument("--latency-widths", type=int, default=3, help="with --speedup: widths measured per axis of "
+                       "each layer's latency table (default 3)")
 
     p = sub.add_parser("analyze", help="list prunable groups and what is pinned, and why")
     common(p, progress=False)
@@ -152,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     pruning(p)
     p.add_argument("-o", "--output", help="output ONNX file (default: MODEL.pruned.onnx)")
+    p.add_argument("--target", help="with --speedup: the target whose measured latency is the budget (x86, arm, cuda)")
+    p.add_argument("--summary-json", help="also write the --json summary to this file (for spc report)")
     p.add_argument("--eval", help=".npz with model inputs (and 'label') to report accuracy before and after")
     p.set_defaults(func=cmd_prune)
 
@@ -171,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", required=True)
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sensitivity", help="fidelity of the model as each group alone is pruned further")
+    common(p)
+    p.add_argument("--fractions", help="comma-separated fractions of each group to remove (default 0,0.1,...,0.9)")
+    p.add_argument("--criterion", help="importance criterion (default obspa, or obs with --calib)")
+    p.add_argument("--calib", help=".npz of calibration inputs (data-driven criteria; default criterion obs)")
+    p.add_argument("--eval", help=".npz of inputs (and 'label' for accuracy) to measure on (default: Gaussian)")
+    p.add_argument("--samples", type=int, default=64, help="synthetic inputs when there is no --eval (default 64)")
+    p.add_argument("--group", type=int, action="append", help="only this group id (repeatable; see spc analyze)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", help="also write the JSON here (e.g. BUILD/sensitivity.json for spc report)")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("report", help="write an HTML report of a build directory (BUILD/report.html)")
+    p.add_argument("build", help="directory written by spc compile (or holding summary.json / sensitivity.json)")
+    p.add_argument("-o", "--output", help="HTML file to write (default BUILD/report.html)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -38,7 +38,21 @@ def compile_cli(args, progress) -> int:
     progress(f"loading {args.model}")
     model = api.load(args.model)
     summary: dict = {"target": spec.name}
-    if ratio > 0:
+    latency = None
+    if args.speedup is not None:  # budget: measured latency on the target (spc/speedup.py)
+        from .evaluate import load_npz
+        from .speedup import cli_prune
+
+        if ratio > 0:
+            raise SpcError("--speedup and --ratio are exclusive: give one budget")
+        if args.sparsity > 0:
+            raise SpcError("--speedup chooses each layer's kernel and sparsity from measured latencies; it "
+                           "cannot be combined with --sparsity")
+        calibration = load_npz(args.calib, model)[0] if args.calib else None
+        result, latency = cli_prune(args, model, calibration, progress, spec.name, sparse=True)
+        model = result.model
+        summary["pruning"] = result.summary()
+    elif ratio > 0:
         from .evaluate import load_npz
 
         calibration = load_npz(args.calib, model)[0] if args.calib else None
@@ -48,9 +62,14 @@ def compile_cli(args, progress) -> int:
                            progress=progress)
         model = result.model
         summary["pruning"] = result.summary()
-    manifest = compile_model(model, spec.name, args.output, sparsity=args.sparsity, block=block,
-                             progress=progress)
+    sparsity = args.sparsity
+    if latency is not None and latency.get("sparsity"):  # --speedup's per-layer choice, measured with 4x1 blocks
+        sparsity, block = latency["sparsity"], (4, 1)
+    manifest = compile_model(model, spec.name, args.output, sparsity=sparsity, block=block, progress=progress)
     summary["bundle"] = str(args.output)
+    if latency is not None:
+        (Path(args.output) / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
+        summary["latency"] = {"file": "latency.json", **latency["result"]}
     summary["manifest"] = manifest
     if args.eval:
         import onnx
@@ -65,6 +84,8 @@ def compile_cli(args, progress) -> int:
                                            _reference(original, feeds)),
                            "after": score(compiled, feeds, labels, None if labels is not None else
                                           _reference(original, feeds))}
+    summary["model"] = str(args.model)
+    (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -79,6 +100,11 @@ def compile_cli(args, progress) -> int:
         pruning = summary["pruning"]
         print(f"\npruned {pruning['reduction']['macs']:.1%} of MACs ({pruning['speedup_macs']}x fewer) "
               f"with '{pruning['criterion']}'")
+    if latency is not None:
+        res = latency["result"]
+        print(f"measured on {latency['device']}: {res['measured_speedup']}x faster than the dense model (goal "
+              f"{args.speedup}x, predicted {res['predicted_speedup']}x, {res['macs_reduction']}x fewer MACs); "
+              f"per-layer decisions in latency.json")
     if "eval" in summary:
         ev = summary["eval"]
         print(f"{ev['metric']} on {args.eval}: {ev['before']:.4f} before, {ev['after']:.4f} for the compiled model")

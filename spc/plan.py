@@ -56,20 +56,47 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
     check_budget(ratio, by)
     cost_model = cost_model or CostModel(analysis)
     groups = [g for g in analysis.prunable_groups if g.size > 1]
+    normalised = normalised_scores(analysis, scores, normalize)
     order_in_group, values_in_order, ids_in_order = {}, [], []
-    normalised_scores = np.zeros(analysis.atom_count)
     for group in groups:
-        values = scores[group.atoms]
-        mean = values.mean()
-        normalised = values / mean if normalize and mean > 0 else values
-        normalised_scores[group.atoms] = normalised
-        order = np.argsort(normalised, kind="stable")
+        order = np.argsort(normalised[group.atoms], kind="stable")
         order_in_group[group.id] = group.atoms[order]
-        values_in_order.append(normalised[order])
+        values_in_order.append(normalised[group.atoms[order]])
         ids_in_order.append(np.full(group.size, group.id, dtype=np.int64))
     # every atom of every group, least important first (a stable sort: ties keep group order)
     ids = np.concatenate(ids_in_order) if groups else np.zeros(0, dtype=np.int64)
     ranking = ids[np.argsort(np.concatenate(values_in_order), kind="stable")] if groups else ids
+    before = cost_model.base
+    total_atoms = sum(g.size for g in groups)
+
+    def measure(removed: np.ndarray) -> float:
+        if by == "channels":
+            return total_atoms - removed.sum()
+        return cost_model.evaluate(removed).measure(by)
+
+    target = (1.0 - ratio) * (total_atoms if by == "channels" else before.measure(by))
+    removed, kept = remove_until(analysis, groups, order_in_group, ranking, normalised, measure,
+                                 target if ratio > 0 else None, round_to, min_keep)
+    return Plan(removed, before, cost_model.evaluate(removed), by, ratio, kept)
+
+
+def normalised_scores(analysis: Analysis, scores: np.ndarray, normalize: bool) -> np.ndarray:
+    """Scores as the planners compare them across groups: divided by their group's mean when ``normalize``."""
+    out = np.zeros(analysis.atom_count)
+    for group in analysis.prunable_groups:
+        if group.size > 1:
+            values = scores[group.atoms]
+            mean = values.mean()
+            out[group.atoms] = values / mean if normalize and mean > 0 else values
+    return out
+
+
+def remove_until(analysis: Analysis, groups, order_in_group, ranking, normalised, measure, target, round_to: int,
+                 min_keep: int):
+    """The shortest prefix of ``ranking`` (group ids, least important first) whose removal brings ``measure`` to
+    ``target`` or below (bisection: ``measure`` falls as more goes), each group's kept count rounded up to its unit
+    and at least ``min_keep``; then the most important removed units are given back while the budget holds.
+    ``target`` None removes nothing. Returns (removed atoms mask, kept units per group id)."""
     by_id = {group.id: group for group in groups}
 
     def removal(k: int) -> tuple[np.ndarray, dict[int, int]]:
@@ -85,17 +112,8 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
             removed[order_in_group[gid][: group.size - keep]] = True
         return removed, kept
 
-    before = cost_model.base
-    total_atoms = sum(g.size for g in groups)
-
-    def measure(removed: np.ndarray) -> float:
-        if by == "channels":
-            return total_atoms - removed.sum()
-        return cost_model.evaluate(removed).measure(by)
-
-    target = (1.0 - ratio) * (total_atoms if by == "channels" else before.measure(by))
     lo, hi = 0, len(ranking)
-    if ratio == 0.0:
+    if target is None:
         hi = 0
     elif measure(removal(hi)[0]) > target:
         lo = hi  # the budget cannot be met within the floors: remove all that may go
@@ -106,10 +124,9 @@ def make_plan(analysis: Analysis, scores: np.ndarray, ratio: float, by: str = "m
         else:
             lo = mid + 1
     removed, kept = removal(lo)
-    if 0 < lo:
-        removed, kept = _give_back(removed, kept, by_id, order_in_group, normalised_scores, round_to, measure,
-                                   target)
-    return Plan(removed, before, cost_model.evaluate(removed), by, ratio, kept)
+    if lo > 0:
+        removed, kept = _give_back(removed, kept, by_id, order_in_group, normalised, round_to, measure, target)
+    return removed, kept
 
 
 def _give_back(removed, kept, groups, order_in_group, scores, round_to, measure, target):

@@ -160,7 +160,7 @@ def compile_model(
     target: str,
     out_dir: str | Path,
     *,
-    sparsity: float = 0.0,
+    sparsity: float | dict[str, float] = 0.0,
     block: tuple[int, int] = (4, 1),
     input_shapes: dict[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -171,13 +171,22 @@ def compile_model(
     ``sparsity`` > 0 zeroes that fraction of each large MatMul/Gemm/Conv weight's ``block``-shaped blocks
     (passes/sparsify.py); layers where the block-sparse kernel is predicted faster use it. Symbolic input dims stay
     symbolic (dynamic batch) unless ``input_shapes`` binds them. ``kernel`` ("dense" or "bsr") overrides the cost
-    model's per-layer choice (benchmarks). Returns the manifest (also written as manifest.json).
+    model's per-layer choice (benchmarks). ``sparsity`` may instead map weight (initializer) names to fractions:
+    exactly those layers are sparsified, each at its own fraction, and run the BSR kernel (``--speedup`` measured
+    that it pays); the others stay dense. Returns the manifest (also written as manifest.json).
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
     t0 = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         raise SpcError(f"compile_model expects an onnx.ModelProto, got {type(model).__name__}")
+    from spc import weights
+
+    if weights.has_external(model):  # weights still on disk (spc.load of a large model): code generation reads all
+        model = weights.materialised(model)
+    per_layer = _per_layer_sparsity(model, sparsity) if isinstance(sparsity, dict) else None
+    if per_layer is not None:
+        sparsity = 0.0
     try:
         sparsity = float(sparsity)
     except (TypeError, ValueError):
@@ -201,6 +210,14 @@ def compile_model(
 
     notes = list(spec.notes)
     sparsify_report = None
+    force_layers = None
+    if per_layer and not spec.sparse_kernels:
+        notes.append(f"per-layer sparsity not applied: target {spec.name} has no block-sparse kernels")
+    elif per_layer:
+        model, report = _load_sparsify()(model, per_layer, block, min_size=0)  # the caller chose them
+        sparsify_report = report.to_json()
+        force_layers = {layer.weight: "bsr" for layer in report.sparsified if layer.zero_blocks}
+        say(f"sparsifying {len(force_layers)} weight layer(s) as the per-layer map says; they run block-sparse")
     if sparsity > 0:
         if not spec.sparse_kernels:
             notes.append(f"sparsity {sparsity} not applied: target {spec.name} has no block-sparse kernels")
@@ -233,6 +250,7 @@ def compile_model(
             weight_index=index_onnx_weights(model),
             sparse=spec.sparse_kernels,
             force=kernel,
+            force_layers=force_layers,
         )
         try:
             mod = rewrite(mod, lowering)
@@ -300,7 +318,7 @@ def compile_model(
         "threads": "all cores by default (load_bundle and the arm runner set TVM_NUM_THREADS to the core "
         "count when it is unset); TVM_NUM_THREADS overrides",
         "params": "embedded in the library",
-        "sparsity": sparsity,
+        "sparsity": per_layer if per_layer is not None else sparsity,
         "block": list(block),
         "round_to": spec.round_to,
         "vector_lanes": spec.vector_lanes,
@@ -314,6 +332,23 @@ def compile_model(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"wrote bundle {out} ({manifest['compile_seconds']} s)")
     return manifest
+
+
+def _per_layer_sparsity(model: onnx.ModelProto, sparsity: dict) -> dict[str, float]:
+    """Validate a {weight name: fraction} map: each name a MatMul/Gemm/Conv weight, each fraction in [0, 1)."""
+    weights = {node.input[1] for node in model.graph.node
+               if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1}
+    out = {}
+    for name, value in sparsity.items():
+        if name not in weights:
+            raise SpcError(f"sparsity names {name!r}, which is not the weight of a MatMul/Gemm/Conv node")
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            raise SpcError(f"sparsity of {name!r} must be a number in [0, 1), got {value!r}") from None
+        if not 0.0 <= out[name] < 1.0:
+            raise SpcError(f"sparsity of {name!r} must be in [0, 1), got {value}")
+    return out
 
 
 def _overall_speedup(records) -> float:

@@ -267,6 +267,7 @@ class Lowering:
         weight_index: dict | None = None,
         sparse: bool = True,
         force: str | None = None,
+        force_layers: dict[str, str] | None = None,
     ):
         self.spec = spec
         self.params = spec.cpu_kernels
@@ -274,6 +275,7 @@ class Lowering:
         self.weight_index = weight_index or {}
         self.sparse = sparse and spec.sparse_kernels
         self.force = force  # "dense" or "bsr": skip the cost model (benchmarks, tests)
+        self.force_layers = force_layers or {}  # ONNX weight name -> "dense"/"bsr" (--speedup's measured choice)
         self.records: list[LayerRecord] = []
         self._count = 0
 
@@ -302,10 +304,11 @@ class Lowering:
         """(kernel, bsr or None, density, expected speedup)."""
         bsr = kernels.to_bsr(w_out_in, self.block) if self.sparse else None
         density = bsr.density if bsr is not None else 1.0
-        if bsr is None or self.force == "dense":
+        force = self.force_layers.get(self._identify(w_out_in)[1], self.force) if self.force_layers else self.force
+        if bsr is None or force == "dense":
             return "dense", None, density, 1.0
         est = cost.estimate(m_cost, k, n, density, self.block, self.params, self.spec.bsr_efficiency, conv)
-        if self.force == "bsr" or est.speedup >= cost.MIN_SPEEDUP:
+        if force == "bsr" or est.speedup >= cost.MIN_SPEEDUP:
             return "bsr", bsr, density, round(est.speedup, 2)
         return "dense", None, density, 1.0
 

@@ -1,0 +1,115 @@
+"""Planning under a latency budget: which atoms go so that the *predicted time on the target* meets a goal.
+
+The prediction is a sum over the model's prunable layers (Conv with group 1 or depthwise, MatMul/Gemm with a constant
+weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it, plus the rest of the
+model's measured time scaled by the share of layer output activations kept (elementwise work follows activation
+size). Atoms are ranked globally by normalised importance per second saved: a group whose channels buy more time
+goes first at equal importance. As in plan.py, widths are rounded to ``round_to``, the smallest prefix of the
+ranking that meets the goal is found by bisection on exact predictions, and over-removal is handed back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analysis import Analysis
+from .cost import CostModel
+from .plan import Plan, _unit, normalised_scores, remove_until
+
+
+@dataclass
+class Layer:
+    """A prunable weight layer: where its widths are read and its measured latency table."""
+
+    node: str
+    op: str  # ONNX op type
+    weight: str
+    spec: object  # spc.targets.measure.LayerSpec
+    full: tuple[int, int]  # (in, out) widths of the original
+    lowest: tuple[int, int]  # (in, out) widths with every removable atom gone
+    pixels: int  # output elements per output channel (activation-size proxy for the elementwise work)
+    transposed: bool = False  # the weight is stored [out, in] (Gemm with transB)
+    table: object = None  # spc.targets.latency.LatencyTable
+    bsr: dict = field(default_factory=dict)  # density -> measured time(BSR) / time(dense), where BSR pays
+    bsr_loss: dict = field(default_factory=dict)  # density -> share of the weight's magnitude zeroed
+    density: float = 1.0  # the planner's choice: 1.0 dense, else the BSR density (latency_sparse.py)
+
+    def widths(self, shape) -> tuple[int, int]:
+        """(in, out) widths from the weight's shape after pruning."""
+        w = shape(self.weight)
+        if self.op == "Conv":
+            return (int(w[0]) if self.spec.depthwise else int(w[1])), int(w[0])
+        if self.transposed:
+            return int(w[1]), int(w[0])
+        return int(w[0]), int(w[1])
+
+
+class LatencyModel:
+    """Predicted seconds of the model after removing atoms: layer tables + the rest scaled by activation size."""
+
+    def __init__(self, cost_model: CostModel, layers: list[Layer], other_seconds: float):
+        self.cost_model, self.layers, self.other = cost_model, layers, max(other_seconds, 0.0)
+        self.full_activation = sum(layer.full[1] * layer.pixels for layer in layers) or 1
+
+    def set_densities(self, densities: dict[int, float]) -> None:
+        """Layer index -> BSR density for the layers to predict block-sparse; the others dense."""
+        for i, layer in enumerate(self.layers):
+            layer.density = densities.get(i, 1.0)
+
+    def layer_seconds(self, removed: np.ndarray) -> list[tuple[tuple[int, int], float]]:
+        shape = self.cost_model.shape_function(removed)
+        out = []
+        for layer in self.layers:
+            ci, co = layer.widths(shape)
+            scale = layer.bsr.get(layer.density, 1.0) if layer.density < 1.0 else 1.0
+            out.append(((ci, co), layer.table.predict(ci, co) * scale))
+        return out
+
+    def predict(self, removed: np.ndarray) -> float:
+        per_layer = self.layer_seconds(removed)
+        kept = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers))
+        return sum(t for _w, t in per_layer) + self.other * kept / self.full_activation
+
+
+def _ranking(analysis: Analysis, scores, model: LatencyModel, round_to: int, normalize: bool):
+    """Global order of atoms: normalised score per predicted second saved by removing one rounding unit."""
+    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
+    order_in_group, entries = {}, []
+    normalised = normalised_scores(analysis, scores, normalize)
+    for group in groups:
+        values = normalised[group.atoms]
+        order = np.argsort(values, kind="stable")
+        order_in_group[group.id] = group.atoms[order]
+        unit = min(_unit(group, round_to), group.size - 1) or 1
+        trial = np.zeros(analysis.atom_count, dtype=bool)
+        trial[group.atoms[order][:unit]] = True
+        saved = (base - model.predict(trial)) / unit
+        for i in order:
+            key = float(values[i]) / saved if saved > 0 else np.inf
+            entries.append((key, float(values[i]), group.id))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return groups, order_in_group, normalised, np.array([gid for *_k, gid in entries], dtype=np.int64)
+
+
+def plan_for_latency(analysis: Analysis, scores: np.ndarray, model: LatencyModel, target_seconds: float,
+                     round_to: int = 1, min_keep: int = 1, normalize: bool = True) -> Plan:
+    """Remove the least important atoms per second saved until the predicted time is at most ``target_seconds``."""
+    groups, order_in_group, normalised, ranking = _ranking(analysis, scores, model, round_to, normalize)
+    removed, kept = remove_until(analysis, groups, order_in_group, ranking, normalised, model.predict,
+                                 target_seconds, round_to, min_keep)
+    base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
+    cost = model.cost_model
+    return Plan(removed, cost.base, cost.evaluate(removed), "latency", 1.0 - target_seconds / base, kept)
+
+
+def lowest_removal(analysis: Analysis, round_to: int, min_keep: int = 1) -> np.ndarray:
+    """Every atom that a plan may remove (floors and rounding respected): the narrowest model."""
+    removed = np.zeros(analysis.atom_count, dtype=bool)
+    for group in analysis.prunable_groups:
+        if group.size > 1:
+            keep = min(group.size, -(-min_keep // _unit(group, round_to)) * _unit(group, round_to))
+            removed[group.atoms[: group.size - keep]] = True
+    return removed

@@ -1,0 +1,143 @@
+"""Per layer, a dense or a block-sparse (BSR) kernel under a latency budget: ``--speedup`` on x86/arm.
+
+Removing channels and zeroing weight blocks both buy time; the planner spends importance where it buys most.
+
+* Time. Each candidate layer (a group-1 Conv or a MatMul/Gemm of at least 4096 weights) is compiled alone with the BSR kernel at DENSITIES
+  (the share of 4x1 blocks kept, zeroed by passes/sparsify.py as compile_model does) and dense, at the widths the
+  dense-only plan keeps it (cached on disk like the width tables). The ratio BSR/dense then scales the layer's
+  dense width table at any width. Densities at which the sparse kernel is not faster are dropped.
+* Importance. Zeroing blocks costs what they hold: passes/sparsify.py zeroes the blocks of least norm, worth a share
+  ``f`` of the layer's L1 weight magnitude. The planner compares channel removals in normalised importance (each
+  group's scores over their mean, or obspa's costs as they are; shifted so that the least important channel costs 0
+  when some are negative, as obspa's are), where one average channel costs the mean score ``u``; removing ``f`` of a layer's ``c`` kept channels takes about ``f`` of its weight. So zeroing ``f`` of the
+  magnitude is charged as removing ``f * c`` average channels: ``f * c * u`` (``c``: the output channels when the
+  plan may narrow them, else the input channels). A channel removal also takes the weights of the next layer for
+  the same cost, so the charge is, if anything, on the side of keeping layers dense.
+* Choice. Options (layer, density) are ranked by importance per second saved at the dense plan's widths. For each
+  prefix of that ranking the width planner (latency_plan.py) plans again with those layers sparse; the prefix that
+  meets the goal with the least total loss (importance of the channels removed + the charges of the sparse layers at
+  the widths kept) wins. The empty prefix is the dense-only plan, so a layer goes sparse only where that pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analysis import Analysis
+from .latency_plan import LatencyModel, Layer, plan_for_latency
+from .plan import Plan, normalised_scores
+
+DENSITIES = (0.5, 0.3, 0.2)  # shares of 4x1 blocks kept that are measured
+BLOCK = (4, 1)  # compile_model's block
+
+
+@dataclass
+class Choice:
+    plan: Plan
+    densities: dict[int, float]  # layer index -> BSR density (absent: dense)
+    loss: float  # normalised importance removed + charges of the sparse layers
+    predicted: float  # predicted seconds
+
+
+def _sparsify():
+    from .passes.sparsify import DEFAULT_MIN_SIZE, zeroed_magnitude
+
+    return zeroed_magnitude, DEFAULT_MIN_SIZE
+
+
+def _out_in(layer: Layer, w: np.ndarray) -> np.ndarray:
+    if layer.op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    return w if layer.transposed else w.T
+
+
+def price_blocks(layers: list[Layer], graph, densities=DENSITIES) -> list[Layer]:
+    """Fill ``bsr_loss`` of the layers a BSR kernel can run (not depthwise, not smaller than the weights
+    passes/sparsify.py leaves dense by default: too small to profit); returns them."""
+    zeroed_magnitude, min_size = _sparsify()
+    out = []
+    for layer in layers:
+        w = graph.weight(layer.weight)
+        if layer.spec.depthwise or w is None or w.ndim not in (2, 4) or w.size < min_size:
+            continue
+        view = _out_in(layer, np.asarray(w, dtype=np.float64))
+        layer.bsr_loss = {d: zeroed_magnitude(view, 1.0 - d, BLOCK) for d in densities}
+        out.append(layer)
+    return out
+
+
+def measure_sparse(layers: list[Layer], widths: list[tuple[int, int]], measurer, cache, say) -> None:
+    """Time each layer dense and BSR at its planned widths; keep the densities whose kernel is faster."""
+    from .targets.latency import measure_layer
+
+    for n, (layer, (ci, co)) in enumerate(zip(layers, widths)):
+        say(f"measuring layer {n + 1}/{len(layers)} {layer.node} block-sparse at {ci}x{co}")
+        dense = measure_layer(measurer, layer.spec, ci, co, cache)
+        for density in layer.bsr_loss:
+            seconds = measure_layer(measurer, layer.spec, ci, co, cache, density=density)
+            if seconds < dense:
+                layer.bsr[density] = seconds / dense
+
+
+def _priced_scores(analysis: Analysis, scores: np.ndarray, normalize: bool) -> tuple[np.ndarray, float]:
+    """Scores as the planner compares them, shifted so that the least important atom costs 0 when some are negative
+    (obspa's OBS levels only order removals: their zero is arbitrary), and their mean: one average channel."""
+    values = normalised_scores(analysis, scores, normalize)
+    atoms = np.array([a for g in analysis.prunable_groups if g.size > 1 for a in g.atoms], dtype=np.int64)
+    if not atoms.size:
+        return values, 1.0
+    low = float(values[atoms].min())
+    if low < 0:
+        values = values.copy()
+        values[atoms] -= low
+    return values, float(values[atoms].mean()) or 1.0
+
+
+def _kept(layer: Layer, widths: tuple[int, int]) -> int:
+    return widths[1] if layer.full[1] != layer.lowest[1] else widths[0]
+
+
+def _better(trial: Choice, best: Choice, target: float) -> bool:
+    fits, best_fits = trial.predicted <= target * (1 + 1e-9), best.predicted <= target * (1 + 1e-9)
+    if fits != best_fits:
+        return fits
+    return trial.loss < best.loss * (1 - 1e-9) if fits else trial.predicted < best.predicted
+
+
+def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyModel, target_seconds: float,
+                       round_to: int = 1, normalize: bool = True) -> Choice:
+    """The least-loss plan meeting ``target_seconds``: widths by plan_for_latency, per layer dense or BSR.
+
+    Leaves each layer's ``density`` at the choice. Without measured BSR options it is plan_for_latency alone."""
+    values, unit = _priced_scores(analysis, scores, normalize)
+
+    def evaluate(densities: dict[int, float]) -> Choice:
+        latency.set_densities(densities)
+        plan = plan_for_latency(analysis, scores, latency, target_seconds, round_to, normalize=normalize)
+        per_layer = latency.layer_seconds(plan.removed)
+        charge = sum(latency.layers[i].bsr_loss[d] * _kept(latency.layers[i], per_layer[i][0]) * unit
+                     for i, d in densities.items())
+        return Choice(plan, dict(densities), float(values[plan.removed].sum()) + charge,
+                      latency.predict(plan.removed))
+
+    best = evaluate({})
+    widths = latency.layer_seconds(best.plan.removed)
+    options = []
+    for i, layer in enumerate(latency.layers):
+        (ci, co), seconds = widths[i]
+        for density, ratio in layer.bsr.items():
+            saved = seconds * (1.0 - ratio)
+            if saved > 0:
+                options.append((layer.bsr_loss[density] * _kept(layer, (ci, co)) * unit / saved, i, density))
+    chosen: dict[int, float] = {}
+    for _rate, i, density in sorted(options):
+        if density >= chosen.get(i, 1.0):
+            continue  # a sparser option of this layer is already in the prefix
+        chosen[i] = density
+        trial = evaluate(chosen)
+        if _better(trial, best, target_seconds):
+            best = trial
+    latency.set_densities(best.densities)
+    return best

@@ -1,0 +1,414 @@
+"""Latency-budget pruning (`--speedup`): latency tables interpolate and cache, the planner meets a predicted
+speed-up, a tiny model pruned for a measured speed-up on x86 is valid, and layers measure through TVM's RPC on
+loopback (server and tracker) with the same results as locally."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+pytest.importorskip("tvm")
+
+import spc  # noqa: E402
+from spc.analysis import analyze  # noqa: E402
+from spc.cli import main  # noqa: E402
+from spc.cost import CostModel  # noqa: E402
+from spc.graph import Graph  # noqa: E402
+from spc.io import from_proto  # noqa: E402
+from spc.latency_layers import find_layers  # noqa: E402
+from spc.latency_plan import LatencyModel, plan_for_latency  # noqa: E402
+from spc.targets import get_target, testing  # noqa: E402
+from spc.targets.latency import LatencyCache, LatencyTable, candidate_widths, measure_table  # noqa: E402
+from spc.targets.measure import LayerSpec, Measurer  # noqa: E402
+from spc.targets.rpc import connect, parse_address  # noqa: E402
+
+X86 = get_target("x86").runs_here()
+
+
+def _bilinear(ci, co):
+    return 1e-6 * (3 * ci * co + 5 * ci + 7 * co + 11)
+
+
+def test_table_is_exact_for_bilinear_times_and_extends_past_its_ends():
+    ins, outs = [16, 32, 64], [8, 48]
+    table = LatencyTable(ins, outs, [[_bilinear(i, o) for o in outs] for i in ins])
+    for ci, co in [(16, 8), (20, 30), (40, 47), (64, 48), (72, 56), (12, 4)]:
+        assert table.predict(ci, co) == pytest.approx(_bilinear(ci, co), rel=1e-9)
+    single = LatencyTable([3], [32], [[2.0]])
+    assert single.predict(3, 32) == single.predict(7, 32) == 2.0
+    assert LatencyTable([8, 16], [8], [[1.0], [3.0]]).predict(0, 8) == 0.0  # clamped at zero
+
+
+def test_candidate_widths_are_rounded_and_end_at_full_width():
+    assert candidate_widths(64, 16, 16, 3) == [16, 48, 64]
+    assert candidate_widths(100, 4, 8, 2) == [8, 100]
+    assert candidate_widths(32, 32, 16, 3) == [32]
+    assert all(w % 8 == 0 for w in candidate_widths(96, 1, 8, 4))
+
+
+class _Fake:
+    """A measurer that times nothing: counts calls, returns the bilinear formula."""
+
+    spec = get_target("x86")
+    device_name = "fake"
+
+    def __init__(self):
+        self.calls = 0
+
+    def time_layer(self, layer, ci, co):
+        self.calls += 1
+        return _bilinear(ci, co)
+
+
+def test_measurements_are_cached_on_disk(tmp_path):
+    layer, fake = LayerSpec("matmul", rows=4), _Fake()
+    first = measure_table(fake, layer, [16, 32], [16, 32], LatencyCache(tmp_path))
+    assert fake.calls == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    again = measure_table(fake, layer, [16, 32], [16, 32], LatencyCache(tmp_path))
+    assert fake.calls == 4 and again.seconds == first.seconds
+    measure_table(fake, LayerSpec("matmul", rows=8), [16], [16], LatencyCache(tmp_path))
+    assert fake.calls == 5  # another shape is another key
+
+
+class _Noisy(_Fake):
+    """The first timing of the narrowest point is slowed down (another process took the core)."""
+
+    def time_layer(self, layer, ci, co):
+        seconds = super().time_layer(layer, ci, co)
+        return seconds * (50 if (ci, co) == (16, 16) and self.calls == 1 else 1)
+
+
+def test_noisy_points_are_measured_again_and_the_table_is_monotone(tmp_path):
+    noisy = _Noisy()
+    table = measure_table(noisy, LayerSpec("matmul", rows=2), [16, 32], [16, 32], LatencyCache(tmp_path))
+    assert noisy.calls == 5  # the contradicted point was timed once more
+    assert table.seconds[0][0] == pytest.approx(_bilinear(16, 16))
+    stuck = LatencyTable([16, 32], [16, 32], [[9.0, 2.0], [3.0, 4.0]])
+    fake = _Fake()
+    fake.time_layer = lambda layer, ci, co: stuck.seconds[[16, 32].index(ci)][[16, 32].index(co)]
+    envelope = measure_table(fake, LayerSpec("matmul", rows=3), [16, 32], [16, 32])
+    assert envelope.seconds == [[2.0, 2.0], [3.0, 4.0]]  # never slower than a wider point
+
+
+def _mlp_latency_model(round_to=8):
+    model = testing.mlp(d_in=64, hidden=128, d_out=16, batch=4, static_batch=True)
+    analysis = analyze(Graph(from_proto(model)))
+    cost = CostModel(analysis)
+    layers = find_layers(analysis, cost, {}, round_to)
+    for layer in layers:  # synthetic tables: time grows with the layer's MACs
+        ins = candidate_widths(layer.full[0], layer.lowest[0], round_to, 3)
+        outs = candidate_widths(layer.full[1], layer.lowest[1], round_to, 3)
+        layer.table = LatencyTable(ins, outs, [[_bilinear(i, o) for o in outs] for i in ins])
+    return analysis, LatencyModel(cost, layers, other_seconds=2e-5), layers
+
+
+@pytest.mark.parametrize("goal", [1.5, 2.0, 3.0])
+def test_planner_meets_a_predicted_speedup_with_rounded_widths(goal):
+    analysis, latency, layers = _mlp_latency_model()
+    assert [layer.op for layer in layers] == ["Gemm", "Gemm", "Gemm"]
+    scores = np.random.default_rng(0).random(analysis.atom_count) + 0.1
+    base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
+    plan = plan_for_latency(analysis, scores, latency, base / goal, round_to=8)
+    predicted = latency.predict(plan.removed)
+    assert predicted <= base / goal
+    assert predicted >= base / goal * 0.85  # not over-pruned: rounding units were handed back
+    assert all(kept % 8 == 0 for kept in plan.kept.values())
+    assert plan.after.macs < plan.before.macs
+
+
+def test_planner_takes_time_where_it_is_cheap_in_importance():
+    analysis, latency, _ = _mlp_latency_model()
+    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    assert len(groups) == 2
+    scores = np.ones(analysis.atom_count)
+    scores[groups[0].atoms] = 10.0  # the first hidden layer's channels matter ten times more
+    base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
+    plan = plan_for_latency(analysis, scores, latency, base / 1.5, round_to=8, normalize=False)
+    assert plan.kept[groups[0].id] > plan.kept[groups[1].id]
+
+
+@pytest.mark.skipif(not X86, reason="needs an AVX-512 x86 host to measure x86 latencies")
+def test_speedup_on_a_tiny_mlp_gives_a_valid_pruned_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPC_LATENCY_CACHE", str(tmp_path / "cache"))
+    model = testing.mlp(d_in=32, hidden=64, d_out=10, batch=4)
+    path = tmp_path / "mlp.onnx"
+    spc.save(model, path)
+    bundle = tmp_path / "bundle"
+    code = main(["compile", str(path), "--target", "x86", "--speedup", "1.5", "--criterion", "l1",
+                 "--latency-widths", "2", "--dim", "batch=4", "-o", str(bundle), "--json", "-q"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["latency"]["file"] == "latency.json"
+    report = json.loads((bundle / "latency.json").read_text())
+    assert report["format"] == "spc-latency/1" and report["target"] == "x86" and report["speedup_goal"] == 1.5
+    assert 1 <= len(report["iterations"]) <= 4 and 0 <= report["chosen"] < len(report["iterations"])
+    assert report["dense"]["measured_s"] > 0 and all(it["measured_s"] > 0 for it in report["iterations"])
+    assert report["result"]["max_predicted_speedup"] >= report["iterations"][0]["predicted_speedup"] * 0.999
+    for layer in report["layers"]:
+        for full, kept in (layer["in"], layer["out"]):
+            assert kept <= full and (kept % 16 == 0 or kept == full)
+        assert layer["measured_s"] > 0 and layer["predicted_s"] > 0
+    assert summary["pruning"]["macs"]["after"] < summary["pruning"]["macs"]["before"]
+    assert report["input_shapes"] == {"input": [4, 32]}
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    out = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    assert out.shape == (4, 10) and np.isfinite(out).all()
+    assert list((tmp_path / "cache").glob("*.json"))  # layer measurements were cached
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--target", "x86", "--speedup", "0.5"], "--speedup"),
+    (["--target", "x86", "--speedup", "2", "--ratio", "0.3"], "exclusive"),
+    (["--target", "x86", "--speedup", "2", "--sparsity", "0.5"], "--sparsity"),
+    (["--target", "arm", "--speedup", "2"], "--rpc"),
+    (["--target", "x86", "--speedup", "2", "--rpc", "nohostport"], "--rpc"),
+    (["--target", "x86", "--speedup", "2", "--rpc-key", "k"], "--rpc-key"),
+])
+def test_speedup_errors_are_one_line(tmp_path, capsys, args, fragment):
+    code = main(["compile", _digits(), *args, "-o", str(tmp_path / "b"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_prune_speedup_needs_a_target(tmp_path, capsys):
+    code = main(["prune", _digits(), "--speedup", "2", "-o", str(tmp_path / "p.onnx"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--target" in err and not (tmp_path / "p.onnx").exists()
+
+
+def _digits() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx")
+
+
+# ---- RPC on loopback ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: the server's workers end with it
+
+
+def _wait_listening(port: int, proc: subprocess.Popen) -> None:
+    for _ in range(300):
+        assert proc.poll() is None, "the RPC process exited"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def rpc_loopback():
+    pytest.importorskip("tornado")  # TVM's tracker needs it
+    tracker_port, tracked_port, server_port = _free_port(), _free_port(), _free_port()
+    procs = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
+                     "--port-end", str(tracker_port + 1)])]
+    procs.append(_start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(server_port),
+                         "--port-end", str(server_port + 1), "--no-fork"]))  # a server without a tracker
+    try:
+        _wait_listening(tracker_port, procs[0])
+        procs.append(_start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(tracked_port),
+                             "--port-end", str(tracked_port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                             "--key", "spc-test", "--no-fork"]))
+        _wait_listening(server_port, procs[1])
+        _wait_listening(tracked_port, procs[2])
+        yield tracker_port, server_port
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+
+
+def _connect_tracker(port: int):
+    """The server registers with the tracker shortly after it listens; ask until the key is known."""
+    for _ in range(100):
+        try:
+            return connect(parse_address(f"127.0.0.1:{port}", "spc-test"), timeout=120)
+        except spc.SpcError:
+            time.sleep(0.2)
+    return connect(parse_address(f"127.0.0.1:{port}", "spc-test"), timeout=120)
+
+
+@pytest.mark.skipif(not X86, reason="the loopback server runs x86 libraries")
+def test_layer_measured_through_rpc_matches_local_kernels(rpc_loopback, tmp_path):
+    tracker_port, server_port = rpc_loopback
+    layer = LayerSpec("conv", rows=1, height=6, width=6, kernel=(3, 3), pads=(1, 1, 1, 1), bias=True)
+    model = layer.model(16, 32)
+    local = Measurer("x86")
+    with_tracker = Measurer("x86", session=_connect_tracker(tracker_port), device_name="tracker")
+    direct = Measurer("x86", session=connect(parse_address(f"127.0.0.1:{server_port}")), device_name="server")
+    expected = local.runner(model).run()[0]
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, local.runner(model).inputs)[0]
+    assert np.abs(expected - reference).max() < 1e-4
+    for measurer in (with_tracker, direct):
+        runner = measurer.runner(model)
+        assert np.abs(runner.run()[0] - expected).max() < 1e-5
+        assert measurer.time(runner) > 0
+        assert measurer.time_layer(layer, 16, 16) > 0
+
+
+def test_rpc_refused_is_a_one_line_error():
+    with pytest.raises(spc.SpcError, match="cannot open a session"):
+        connect(parse_address(f"127.0.0.1:{_free_port()}"), timeout=5)
+
+
+# ---- per-layer dense or block-sparse kernels (spc/latency_sparse.py) --------------------------------------------
+
+
+def _sparse_plan(ratio, loss, goal=2.0, offset=0.0, normalize=True):
+    """The synthetic MLP planned for ``goal`` with one BSR option (density 0.2) on its middle layer."""
+    from spc.latency_sparse import plan_with_sparsity
+
+    analysis, latency, layers = _mlp_latency_model()
+    layers[1].bsr, layers[1].bsr_loss = {0.2: ratio}, {0.2: loss}
+    scores = np.random.default_rng(0).random(analysis.atom_count) + 0.1 + offset
+    target = latency.predict(np.zeros(analysis.atom_count, dtype=bool)) / goal
+    dense = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=normalize)
+    choice = plan_with_sparsity(analysis, scores, latency, target, round_to=8, normalize=normalize)
+    return choice, dense, latency, target
+
+
+def test_planner_picks_bsr_where_it_costs_less_importance_per_second():
+    choice, dense, latency, target = _sparse_plan(ratio=0.1, loss=0.05)
+    assert choice.densities == {1: 0.2} and latency.layers[1].density == 0.2
+    assert choice.predicted <= target
+    assert choice.plan.removed.sum() < dense.removed.sum()  # the sparse layer bought time: fewer channels go
+    assert sum(choice.plan.kept.values()) > sum(dense.kept.values())
+
+
+def test_planner_keeps_layers_dense_where_bsr_costs_more_importance():
+    choice, dense, latency, target = _sparse_plan(ratio=0.95, loss=0.9)
+    assert choice.densities == {} and all(layer.density == 1.0 for layer in latency.layers)
+    assert (choice.plan.removed == dense.removed).all() and choice.predicted <= target
+
+
+def test_negative_scores_do_not_make_zeroed_blocks_free():
+    """obspa's scores are OBS levels with an arbitrary zero (often all negative): only their order counts."""
+    choice, dense, _latency, _target = _sparse_plan(ratio=0.95, loss=0.9, offset=-5.0, normalize=False)
+    assert choice.densities == {} and (choice.plan.removed == dense.removed).all()
+    choice, _dense, _latency, _target = _sparse_plan(ratio=0.1, loss=0.05, offset=-5.0, normalize=False)
+    assert choice.densities == {1: 0.2} and choice.loss >= 0
+
+
+def test_block_prices_are_the_magnitude_sparsify_zeroes():
+    from spc.latency_sparse import price_blocks
+    from spc.passes.sparsify import sparsify
+
+    analysis, _latency, layers = _mlp_latency_model()
+    priced = price_blocks(layers, analysis.graph)
+    assert priced == layers[:2]  # the 128x16 classifier is below sparsify's min_size: too small to pay
+    first = layers[0]
+    assert 0 < first.bsr_loss[0.5] < first.bsr_loss[0.3] < first.bsr_loss[0.2] < 1
+    model = analysis.graph.model
+    sparse, report = sparsify(model, {first.weight: 0.5})
+    rows = {row.weight: row for row in report.layers}
+    assert rows[first.weight].sparsity == 0.5 and rows[layers[1].weight].skipped
+    before = np.abs(analysis.graph.weight(first.weight)).sum()
+    after = next(np.abs(numpy_helper.to_array(i)).sum() for i in sparse.graph.initializer if i.name == first.weight)
+    assert (before - after) / before == pytest.approx(first.bsr_loss[0.5], rel=1e-5)
+
+
+def test_per_layer_sparsity_map_names_real_weights(tmp_path):
+    model = testing.mlp(d_in=16, hidden=32, d_out=4, batch=2, static_batch=True)
+    with pytest.raises(spc.SpcError, match="nosuchweight"):
+        spc.targets.compile_model(model, "x86", tmp_path / "b", sparsity={"nosuchweight": 0.5})
+
+
+class _SparseFake(_Fake):
+    """BSR at density d takes ``d + 0.25`` of the dense time (pays below 0.75)."""
+
+    def time_layer(self, layer, ci, co, density=1.0):
+        return super().time_layer(layer, ci, co) * (density + 0.25 if density < 1 else 1.0)
+
+
+def test_sparse_measurements_keep_densities_that_pay_and_are_cached_apart(tmp_path):
+    from spc.latency_sparse import measure_sparse
+
+    _analysis, _latency, layers = _mlp_latency_model()
+    layers[0].bsr_loss = {0.8: 0.1, 0.5: 0.3, 0.2: 0.6}
+    fake = _SparseFake()
+    measure_sparse(layers[:1], [(64, 64)], fake, LatencyCache(tmp_path), lambda _m: None)
+    assert layers[0].bsr == {0.5: pytest.approx(0.75), 0.2: pytest.approx(0.45)}
+    assert fake.calls == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    measure_sparse(layers[:1], [(64, 64)], fake, LatencyCache(tmp_path), lambda _m: None)
+    assert fake.calls == 4
+
+
+@pytest.mark.skipif(not X86, reason="needs an AVX-512 x86 host to measure x86 latencies")
+def test_speedup_with_block_sparse_layers_records_them_and_matches_ort(tmp_path, monkeypatch, capsys):
+    from spc import latency_sparse, speedup
+    from spc.targets.bundle import load_bundle
+
+    monkeypatch.setenv("SPC_LATENCY_CACHE", str(tmp_path / "cache"))
+
+    def cheap_blocks(layers, graph, densities=latency_sparse.DENSITIES):  # zeroed blocks nearly free: BSR wherever
+        priced = latency_sparse.price_blocks(layers, graph, densities)  # its measured kernel is faster
+        for layer in priced:
+            layer.bsr_loss = {d: f * 1e-3 for d, f in layer.bsr_loss.items()}
+        return priced
+
+    monkeypatch.setattr(speedup, "price_blocks", cheap_blocks)
+    model = testing.mlp(d_in=128, hidden=512, d_out=16, batch=128)
+    path = tmp_path / "mlp.onnx"
+    spc.save(model, path)
+    bundle = tmp_path / "bundle"
+    code = main(["compile", str(path), "--target", "x86", "--speedup", "1.8", "--criterion", "l1",
+                 "--latency-widths", "2", "--dim", "batch=128", "-o", str(bundle), "--json", "-q"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["latency"]["file"] == "latency.json"
+    report = json.loads((bundle / "latency.json").read_text())
+    sparse = [row for row in report["layers"] if row["kernel"] == "bsr"]
+    assert sparse, "BSR pays for a 512x512 matmul at 128 rows; the planner should take it"
+    assert report["sparsity"] == {row["weight"]: round(1 - row["density"], 4) for row in sparse}
+    for row in report["layers"]:
+        assert (row["density"] < 1) == (row["kernel"] == "bsr") and row["predicted_s"] > 0
+        if row["kernel"] == "bsr":
+            assert row["bsr"][f"{row['density']:g}"]["time_ratio"] < 1
+    kernels = {layer["weight"]: layer["kernel"] for layer in json.loads((bundle / "manifest.json").read_text())["layers"]}
+    assert all(kernels[row["weight"]] == "bsr" for row in sparse)
+    x = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    got = next(iter(load_bundle(bundle).run({"input": x}).values()))
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+class _OverheadBound(_Fake):
+    """Every layer costs microseconds, the rest of the model a second (which shrinks only with the activations kept,
+    here mostly the wide output no plan can narrow): pruning cannot make it much faster."""
+
+    def runner(self, model, shapes):
+        return None
+
+    def time(self, runner):
+        return 1.0
+
+
+def test_a_speedup_out_of_reach_is_refused_naming_what_is_reachable(tmp_path, monkeypatch):
+    from spc import speedup
+    from spc.errors import SpcError
+
+    monkeypatch.setattr(speedup, "_measurer", lambda *args: _OverheadBound())
+    model = from_proto(testing.mlp(d_in=32, hidden=64, d_out=2048, batch=4))
+    with pytest.raises(SpcError, match=r"2x is predicted out of reach on x86: at most 1\.\d\dx.*ask for at most 1\."):
+        speedup.prune_for_speedup(model, 2.0, "x86", criterion="l1", sparse=False, cache_dir=tmp_path,
+                                  dim_values={"batch": 4})
