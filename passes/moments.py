@@ -67,7 +67,7 @@ from onnx import helper
 from scipy.special import erf
 
 from spc.graph import Graph
-from spc.weights import spill
+from spc.weights import SPOOL, Spilled
 
 GRID = np.linspace(-8.0, 8.0, 1201)
 _W = np.exp(-0.5 * GRID**2)
@@ -203,10 +203,56 @@ def marginal(state: Gauss | None, keep: tuple[int, ...]) -> Gauss | None:
 
 
 def _sym(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.array(matrix, dtype=np.float64)  # a private copy, symmetrised in place
-    matrix += matrix.T
-    matrix *= 0.5
+    return _sym_inplace(np.array(matrix, dtype=np.float64))  # a private copy, symmetrised in place
+
+
+def _sym_inplace(matrix: np.ndarray, block: int = 512) -> np.ndarray:
+    """(M + M^T) / 2 over M itself, a pair of blocks at a time (``M += M.T`` would copy all of M first)."""
+    n = matrix.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            mean = matrix[i:i + block, j:j + block] + matrix[j:j + block, i:i + block].T
+            mean *= 0.5
+            matrix[i:i + block, j:j + block] = mean
+            matrix[j:j + block, i:i + block] = mean.T
     return matrix
+
+
+def _sandwich(w: np.ndarray, mean: np.ndarray, cov: np.ndarray, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """w^T mean and symmetrised w^T cov w in float64, a block of outputs at a time: no n x n temporary besides the
+    result, and a float32 ``w`` is converted a block at a time (never a float64 copy of all of it)."""
+    width = w.shape[1]
+    out, new_mean = np.empty((width, width)), np.empty(width)
+    for start in range(0, width, block):
+        columns = w[:, start:start + block].astype(np.float64)
+        new_mean[start:start + block] = columns.T @ mean
+        left = columns.T @ cov
+        if w.dtype == np.float64:
+            np.dot(left, w, out=out[start:start + block])
+            continue
+        for other in range(0, width, block):
+            out[start:start + block, other:other + block] = left @ w[:, other:other + block].astype(np.float64)
+    return new_mean, _sym_inplace(out)
+
+
+def _second(gauss: Gauss, spill_bytes: int | None, block: int = 512):
+    """E[x x^T] = cov + m m^T, written a block of rows at a time: in memory, or (``spill_bytes`` or more) straight
+    to a .npy file in the spool folder, so the n x n matrix is never copied whole."""
+    n = gauss.mean.size
+    if spill_bytes is None or n * n * 8 < spill_bytes:
+        second = np.array(gauss.cov, dtype=np.float64)
+        for start in range(0, n, block):
+            second[start:start + block] += np.outer(gauss.mean[start:start + block], gauss.mean)
+        return second
+    path = SPOOL.scratch(".npy")
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+                                                      "fortran_order": False, "shape": (n, n)})
+        for start in range(0, n, block):
+            rows = np.array(gauss.cov[start:start + block], dtype=np.float64)
+            rows += np.outer(gauss.mean[start:start + block], gauss.mean)
+            rows.tofile(handle)
+    return Spilled(path, (n, n))
 
 
 def _corr(cov: np.ndarray) -> np.ndarray:
@@ -380,12 +426,7 @@ class Propagator:
                 state = self.states.get(name)
                 gauss = marginal(materialise(state, self.options.hermite_terms), (axis,))
                 if gauss is not None:
-                    second = np.array(gauss.cov, dtype=np.float64)
-                    for start in range(0, second.shape[0], 512):  # + m m^T without an n x n temporary
-                        second[start:start + 512] += np.outer(gauss.mean[start:start + 512], gauss.mean)
-                    if self.spill_bytes is not None and second.nbytes >= self.spill_bytes:  # to disk until used
-                        second = spill(second)
-                    results[(name, axis)] = (gauss.mean.copy(), second)
+                    results[(name, axis)] = (gauss.mean.copy(), _second(gauss, self.spill_bytes))
 
         for name in graph.inputs:
             self.states[name] = self._input(name)
@@ -611,16 +652,17 @@ class Propagator:
 
     def _linear(self, x: Gauss, w: np.ndarray, b, axis: int, node=None) -> Gauss:
         """x's feature ``axis`` contracted with w [K, N] (the output's same axis has N features)."""
-        if node is not None:
-            self._back(node, lambda s, xn=node.input[0], w2=w**2, ax=x.axes, sz=x.sizes: [(xn, ax, sz, w2 @ s)])
-        mean = w.T @ x.mean
+        if node is not None and self.keep_backward:  # w**2 is n x n: made only when it is kept
+            w2 = np.asarray(w, dtype=np.float64) ** 2
+            self._back(node, lambda s, xn=node.input[0], w2=w2, ax=x.axes, sz=x.sizes: [(xn, ax, sz, w2 @ s)])
+        mean, cov = _sandwich(w, x.mean, x.cov)
         if b is not None:
             mean = mean + b
-        return Gauss((axis,), (w.shape[1],), mean, _sym(w.T @ x.cov @ w))
+        return Gauss((axis,), (w.shape[1],), mean, cov)
 
     def _gemm(self, node):
         a, b = node.input[0], node.input[1]
-        wb = self.const(b)
+        wb = self.graph.weight(b)  # in its own precision: _linear converts it a block at a time
         x = self.gauss(a)
         if wb is None or x is None or int(_attr(node, "transA", 0)) or 1 not in x.axes:
             return None
@@ -633,11 +675,11 @@ class Propagator:
             if c.size not in (1, w.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
                 return None
             bias = beta * np.broadcast_to(c.reshape(-1), (w.shape[1],))
-        return self._linear(x, alpha * w, bias, 1, node)
+        return self._linear(x, alpha * w.astype(np.float64) if alpha != 1.0 else w, bias, 1, node)
 
     def _matmul(self, node):
         a, b = node.input[0], node.input[1]
-        wb = self.const(b)
+        wb = self.graph.weight(b)  # in its own precision: _linear converts it a block at a time
         out_shape = self.shape(node.output[0])
         if wb is not None and wb.ndim == 2:
             x = self.gauss(a)

@@ -34,8 +34,11 @@ ranking (digits transformer 3x: 0.31 vs 0.63 accuracy), costs relative to each c
 weighted by a data-free output sensitivity (a diagonal, linearised backward pass through the network,
 ``weighting="sensitivity"``) did not beat BatchNorm-weighted global costs.
 
-**Memory per consumer**: ``H~^-1`` and ``G`` in the sweep, ``H~_KK`` and its Cholesky factor in the compensation
-(float64, n^2 each: 128 MiB at n = 4096, so a few hundred MiB at most), plus the moments themselves. Across a
+**Memory per consumer** (float64 n x n is 128 MiB at n = 4096): the sweep holds ``H~^-1`` and ``G``, both made
+and updated in place (``G`` by a BLAS rank update per block of the weight's rows, in its own precision;
+``H~`` read a block of rows at a time from its spill file into the matrix LAPACK inverts in place; removed
+channels compacted within the same memory), the compensation ``H~_KK`` (factored in place) and
+``H~_KR W_R^T``, so at most 2 such matrices plus the weight (``obs_algebra``; bench/bench_obspa_memory.py). Across a
 model, nothing accumulates: a consumer's weight is read (from disk for a model with external data) each time it is
 used and dropped after, second moments of 16 MiB or more wait in a temporary file until used, and compensated
 weights of a model on disk go straight back to disk (``spc.weights``), so an LLM is scored one layer at a time in
@@ -60,6 +63,17 @@ from spc.weights import is_external as weights_on_disk
 
 from .base import ImportancePass, PassContext, per_index_norm
 from .moments import SPILL_BYTES, MomentOptions, Propagator, channel_sensitivity
+from .obs_algebra import (  # noqa: F401
+    augmented,
+    compact,
+    compensation,
+    damped,
+    damping,
+    removal_cost,
+    scaled_gram,
+    spd_inverse,
+    subtract_product,
+)
 
 GREEDY_STEPS = 64
 Moments = dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
@@ -80,7 +94,11 @@ class Consumer:
         self.moments = moments  # (mean, E[xx^T]); the second may be spilled to disk (spc.weights.Spilled)
 
     @property
-    def matrix(self) -> np.ndarray:  # float64 [rows, n]
+    def matrix(self) -> np.ndarray:  # float64 [rows, n], a private copy
+        return self.native.astype(np.float64)
+
+    @property
+    def native(self) -> np.ndarray:  # [rows, n] in the weight's own precision (float32: half of float64), read-only
         return self._matrix() if callable(self._matrix) else self._matrix
 
     @property
@@ -100,6 +118,11 @@ def weight_matrix(weight: np.ndarray, in_axis: int) -> np.ndarray:
     return np.moveaxis(weight.astype(np.float64), in_axis, -1).reshape(-1, weight.shape[in_axis])
 
 
+def native_matrix(weight: np.ndarray, in_axis: int) -> np.ndarray:
+    """``weight_matrix`` without the float64 copy (a view where the layout allows)."""
+    return np.moveaxis(weight, in_axis, -1).reshape(-1, weight.shape[in_axis])
+
+
 def matrix_to_weight(matrix: np.ndarray, shape: tuple[int, ...], in_axis: int) -> np.ndarray:
     moved = [s for a, s in enumerate(shape) if a != in_axis] + [matrix.shape[1]]
     return np.moveaxis(matrix.reshape(moved), -1, in_axis)
@@ -110,92 +133,6 @@ def _row_out_index(shape: tuple[int, ...], in_axis: int, out_axis: int) -> np.nd
     position = out_axis - (1 if out_axis > in_axis else 0)
     return np.indices(rest).reshape(len(rest), -1)[position] if rest else np.zeros(1, dtype=np.int64)
 
-
-def augmented(mean: np.ndarray, second: np.ndarray) -> np.ndarray:
-    n = mean.size
-    h = np.empty((n + 1, n + 1))
-    h[:n, :n] = second
-    h[:n, n] = mean
-    h[n, :n] = mean
-    h[n, n] = 1.0
-    return h
-
-
-def damping(mean: np.ndarray, second: np.ndarray, damp: float) -> float:
-    variance = np.diag(second) - mean**2
-    level = float(np.mean(np.maximum(variance, 0.0))) if variance.size else 0.0
-    if level <= 0:
-        level = float(np.mean(np.diag(second))) if second.size else 1.0
-    return damp * max(level, 1e-12)
-
-
-def damped(h: np.ndarray, lam: float) -> np.ndarray:
-    """``h`` plus ``lam`` on the diagonal of the real inputs (not on the constant's entry)."""
-    out = h.copy()
-    n = h.shape[0] - 1
-    out[np.arange(n), np.arange(n)] += lam
-    return out
-
-
-def compensation(matrix: np.ndarray, mean: np.ndarray, second: np.ndarray, removed: np.ndarray, damp: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """OBS update of the kept columns: (new W_K [rows, |K|], bias change [rows])."""
-    kept = np.flatnonzero(~removed)
-    gone = np.flatnonzero(removed)
-    lam = damping(mean, second, damp)
-    k = kept.size
-    a = np.empty((k + 1, k + 1))  # the damped augmented H~ on the kept channels and the constant
-    a[:k, :k] = second[np.ix_(kept, kept)]
-    a[np.arange(k), np.arange(k)] += lam
-    a[:k, k] = a[k, :k] = mean[kept]
-    a[k, k] = 1.0
-    cross = np.empty((k + 1, gone.size))  # H~_KR
-    cross[:k] = second[np.ix_(kept, gone)]
-    cross[k] = mean[gone]
-    b = cross @ matrix[:, gone].T  # [|K|+1, rows]
-    del cross
-    delta = cho_solve(cho_factor(a, lower=True, check_finite=False, overwrite_a=True), b, check_finite=False,
-                      overwrite_b=True)
-    del a
-    new = matrix[:, kept]
-    new += delta[:-1].T
-    return new, delta[-1].copy()
-
-
-def spd_inverse(h: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive-definite matrix from its Cholesky factor (LAPACK potrf + potri); ``h`` is
-    overwritten."""
-    from scipy.linalg import lapack
-
-    factor, info = lapack.dpotrf(h, lower=True, clean=True, overwrite_a=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"matrix not positive definite (potrf info {info})")
-    del h
-    inverse, info = lapack.dpotri(factor, lower=True, overwrite_c=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"potri failed (info {info})")
-    del factor
-    n = inverse.shape[0]
-    block = 512
-    for start in range(0, n, block):  # mirror the lower triangle, a block of rows at a time (no n x n temporary)
-        stop = min(start + block, n)
-        inverse[start:stop, stop:] = inverse[stop:, start:stop].T
-        sub = inverse[start:stop, start:stop]
-        sub[np.triu_indices(stop - start, 1)] = sub.T[np.triu_indices(stop - start, 1)]
-    return inverse
-
-
-def removal_cost(matrix: np.ndarray, mean: np.ndarray, second: np.ndarray, removed: np.ndarray,
-                 damp: float = 0.0) -> float:
-    """E||W x - W'_K x_K - db||^2 after the optimal update (the OBS cost of removing ``removed``)."""
-    new, bias = compensation(matrix, mean, second, removed, damp)
-    diff = np.concatenate([matrix.copy(), np.zeros((matrix.shape[0], 1))], axis=1)
-    kept = np.flatnonzero(~removed)
-    diff[:, kept] -= new
-    diff[:, -1] -= bias
-    return float(np.einsum("ij,jk,ik->", diff, augmented(mean, second), diff))
-
-
 class _Sweep:
     """Greedy OBS state of one consumer inside one group, kept compact (removed channels are deleted, so the work
     shrinks as the sweep goes): the inverse of the damped augmented H~ and the Gram matrix G = W'^T W' of the
@@ -204,18 +141,14 @@ class _Sweep:
 
     def __init__(self, consumer: Consumer, local: np.ndarray, damp: float, weight: float = 1.0):
         n = consumer.width
-        w = consumer.matrix * (consumer.row_scale * np.sqrt(weight))[:, None]
-        self.gram = w.T @ w
-        del w
-        if consumer.moments is not None:
-            mean, second = consumer.hessian()
+        self.gram = scaled_gram(consumer.native, consumer.row_scale * np.sqrt(weight))
+        if consumer.moments is not None:  # H~ read straight into the matrix that becomes its inverse
+            mean, second = consumer.moments
             h = augmented(mean, second)
-            h[np.arange(n), np.arange(n)] += damping(mean, second, damp)
-            del second
+            h[np.arange(n), np.arange(n)] += damping(mean, h[:n, :n], damp)
         else:
             h = np.eye(n + 1)
         self.hinv = spd_inverse(h)
-        del h
         self.atom = np.append(local, -1)  # group-local atom at each position (the constant is last, never removed)
         members = local[local >= 0]
         self.widths = np.bincount(members) if members.size else np.zeros(0, dtype=np.int64)
@@ -258,24 +191,16 @@ class _Sweep:
         keep_real = keep[:-1]
         cross = self.gram[np.ix_(cols, keep_real)]  # G_CK
         corner = self.gram[np.ix_(cols, cols)]
-        gram = self.gram[np.ix_(keep_real, keep_real)]
-        self.gram = None
+        gram = compact(self.gram, keep_real)
         # G' = G_KK - G_KC g - g^T G_CK + g^T G_CC g = G_KK - G_KC g - g^T (G_CK - G_CC g)
-        _subtract_product(gram, cross.T, gk)
-        _subtract_product(gram, gk.T, cross - corner @ gk)
+        subtract_product(gram, cross.T, gk)
+        subtract_product(gram, gk.T, cross - corner @ gk)
         self.gram = gram
         left = self.hinv[np.ix_(keep, cols)]  # [kept, b]
-        hinv = self.hinv[np.ix_(keep, keep)]
-        self.hinv = None  # the old matrix goes before any other n x n is made
-        _subtract_product(hinv, left, g)
+        hinv = compact(self.hinv, keep)  # in the old matrix's memory: no second n x n is made
+        subtract_product(hinv, left, g)
         self.hinv = hinv
         self.atom = self.atom[keep]
-
-
-def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray, block: int = 512) -> None:
-    """target -= left @ right, a block of rows at a time (no temporary as large as ``target``)."""
-    for start in range(0, target.shape[0], block):
-        target[start:start + block] -= left[start:start + block] @ right
 
 
 def _limit_threads():
@@ -411,7 +336,7 @@ class ObspaImportance(ImportancePass):
             if not prunable[labels].any():
                 continue
             shape = graph.shape(layer.weight)
-            matrix = (lambda name=layer.weight, axis=layer.weight_in_axis: weight_matrix(graph.weight(name), axis))
+            matrix = (lambda name=layer.weight, axis=layer.weight_in_axis: native_matrix(graph.weight(name), axis))
             out_index = _row_out_index(shape, layer.weight_in_axis, layer.weight_out_axis)
             consumers.append(Consumer(layer, matrix, labels, out_index,
                                       self._row_scale(analysis, layer, shape[layer.weight_out_axis])[out_index]))
@@ -518,9 +443,8 @@ class ObspaImportance(ImportancePass):
 
     def _one_shot(self, analysis: Analysis, consumer, removed, editor: "_Editor") -> None:
         """Least-squares update of one consumer from its (estimated or measured) input moments."""
-        mean, second = consumer.hessian()
-        new, bias = compensation(consumer.matrix, mean, second, removed, self.damp)
-        del second
+        mean, second = consumer.moments  # second may stay on disk: compensation reads it a block at a time
+        new, bias = compensation(consumer.native, mean, second, removed, self.damp)
         editor.set_weight(consumer, new)
         del new
         out_channels = analysis.graph.shape(consumer.layer.weight)[consumer.layer.weight_out_axis]
@@ -569,20 +493,21 @@ class _Editor:
 
     def set_weight(self, consumer: Consumer, kept_matrix: np.ndarray) -> None:
         layer = consumer.layer
-        original = self.graph.weight(layer.weight)
-        full = matrix_to_weight(kept_matrix, original.shape, layer.weight_in_axis)
-        for axis in range(full.ndim):
-            if axis != layer.weight_in_axis:
-                full = np.take(full, self.kept(layer.weight, axis), axis=axis)
         current = self.inits[layer.weight]
+        dtype = current_dtype(current)  # cast before slicing: the copies are in the weight's own precision
+        full = matrix_to_weight(kept_matrix.astype(dtype), self.graph.shape(layer.weight), layer.weight_in_axis)
+        for axis in range(full.ndim):
+            kept = self.kept(layer.weight, axis)
+            if axis != layer.weight_in_axis and kept.size != full.shape[axis]:
+                full = np.take(full, kept, axis=axis)
         if tuple(current.dims) != full.shape:
             return  # the rewrite sliced this weight differently than expected: leave it as it is
         self.arrays.pop(layer.weight, None)
-        dtype = current_dtype(current)
+        full = np.ascontiguousarray(full)
         if weights_on_disk(current):  # straight back to disk: the compensated weights are never all in memory
-            current.CopyFrom(store(numpy_helper.from_array(full.astype(dtype), current.name), current))
+            current.CopyFrom(store(numpy_helper.from_array(full, current.name), current))
             return
-        self.arrays[layer.weight] = full.astype(dtype)
+        self.arrays[layer.weight] = full
 
     def _out_slice(self, consumer: Consumer, values: np.ndarray) -> np.ndarray:
         layer = consumer.layer

@@ -58,7 +58,7 @@ FRAGMENTS = {  # what the one line must say besides the file's name
     "empty": ["not an ONNX model"], "random_bytes": ["not a readable ONNX model"],
     "tensor_not_model": ["not a readable ONNX model"], "directory": ["not a file"],
     "no_default_opset": ["no ai.onnx opset"], "truncated_external_data": ["w.data", "truncated"],
-    "external_data_outside": ["w.data", "not found"],
+    "external_data_outside": ["w.data", "outside the model's folder"],
 }
 
 

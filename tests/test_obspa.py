@@ -70,6 +70,65 @@ def test_greedy_single_step_cost_is_the_obs_saliency():
     assert np.all(np.diff(np.sort(costs)) >= 0)
 
 
+def test_in_place_algebra_equals_the_plain_formulas(tmp_path):
+    """The memory-saving forms (block reads of a spilled H, in-place Cholesky inverse and Gram, compaction within
+    the matrix's memory, block-wise sandwich) give the plain numpy results to round-off."""
+    from spc.passes.moments import Gauss, _sandwich, _second
+    from spc.passes.obs_algebra import compact, scaled_gram, second_rows, spd_inverse
+    from spc.weights import Spilled
+
+    rng = np.random.default_rng(1)
+    n = 1100  # over two blocks of 512 rows
+    x = _samples(rng, 3 * n, n)
+    mean, second = x.mean(axis=0), x.T @ x / len(x)
+    spilled = _second(Gauss((1,), (n,), mean, second - np.outer(mean, mean)), spill_bytes=1)
+    assert isinstance(spilled, Spilled)
+    np.testing.assert_allclose(second_rows(spilled, 0, n), second, rtol=1e-12, atol=1e-12)
+    w = rng.standard_normal((700, n)).astype(np.float32)
+    removed = rng.random(n) < 0.3
+    new, bias = compensation(w, mean, spilled, removed, damp=1e-2)
+    ref_new, ref_bias = compensation(w.astype(np.float64), mean, second, removed, damp=1e-2)
+    np.testing.assert_allclose(new, ref_new, rtol=1e-9, atol=1e-9 * np.abs(ref_new).max())
+    np.testing.assert_allclose(bias, ref_bias, rtol=1e-9, atol=1e-9 * np.abs(ref_bias).max())
+    h = second + np.eye(n)
+    np.testing.assert_allclose(spd_inverse(h.copy()), np.linalg.inv(h), rtol=1e-8, atol=1e-12)
+    scale = rng.random(700) + 0.5
+    scaled = w.astype(np.float64) * scale[:, None]
+    np.testing.assert_allclose(scaled_gram(w, scale), scaled.T @ scaled, rtol=1e-10, atol=1e-8)
+    keep = np.flatnonzero(~removed)
+    matrix = rng.standard_normal((n, n))
+    expected = matrix[np.ix_(keep, keep)]
+    assert np.array_equal(compact(matrix, keep), expected)
+    cov = np.cov(x.T)
+    out_mean, out_cov = _sandwich(w.T, mean, cov)
+    np.testing.assert_allclose(out_cov, w.astype(np.float64) @ cov @ w.T.astype(np.float64), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out_mean, w.astype(np.float64) @ mean, rtol=1e-12)
+
+
+def test_sweep_of_a_wide_consumer_holds_two_matrices():
+    """The greedy sweep's state (H~^-1 and G) is all it allocates besides blocks of rows: no copy of a spilled H,
+    of the weight in float64 or of the state while a step updates it (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    from spc.passes.moments import Gauss, _second
+    from spc.passes.obspa import Consumer, _Sweep
+
+    rng = np.random.default_rng(2)
+    n = 2048  # blocks of 512 rows are a quarter of an n x n matrix
+    factor = rng.standard_normal((n, n // 4))
+    second = _second(Gauss((1,), (n,), np.zeros(n), factor @ factor.T / n + np.eye(n)), spill_bytes=1)
+    del factor
+    weight = rng.standard_normal((n, n)).astype(np.float32)
+    consumer = Consumer(None, weight, np.arange(n), np.arange(n), np.ones(n), (np.zeros(n), second))
+    tracemalloc.start()
+    sweep = _Sweep(consumer, np.arange(n), damp=1e-2)
+    sweep.remove(np.arange(0, n, 16))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sweep.hinv.shape == (n + 1 - n // 16,) * 2 and sweep.gram.shape == (n - n // 16,) * 2
+    assert peak < 2.75 * (n + 1) ** 2 * 8  # three n x n matrices would be 3
+
+
 # ------------------------------------------------------------------------------------------------ models
 def mlp(dead=(), constant=(), hidden=32, relu=True, bias2=False, seed=0):
     """x[N,16] -> Gemm(32) -> (Relu) -> Gemm(8, no bias unless asked) -> y; chosen hidden units dead (always 0)
