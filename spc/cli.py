@@ -197,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="x86, arm or cuda")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of weight blocks to zero (default 0)")
     p.add_argument("--block", default="4x1", help="sparse block RxC (default 4x1)")
+    p.add_argument("--sparse-layers", action="store_true",
+                   help="with --speedup: also let layers run block-sparse where that was measured to pay (zeroed "
+                        "blocks are not compensated: on small trained models this costs accuracy)")
     p.add_argument("-o", "--output", required=True, help="bundle directory")
     p.add_argument("--eval", help=".npz with model inputs (and 'label'): accuracy of the model and of the bundle's")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run", help="run a compiled x86 bundle")
+    p = sub.add_parser("run", help="run a compiled bundle (x86 here; cuda on a machine with a GPU)")
     p.add_argument("bundle", help="bundle directory written by spc compile")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", required=True)
     p.add_argument("--output", required=True, help=".npz to write the outputs to")

@@ -49,7 +49,7 @@ def compile_cli(args, progress) -> int:
             raise SpcError("--speedup chooses each layer's kernel and sparsity from measured latencies; it "
                            "cannot be combined with --sparsity")
         calibration = load_npz(args.calib, model)[0] if args.calib else None
-        result, latency = cli_prune(args, model, calibration, progress, spec.name, sparse=True)
+        result, latency = cli_prune(args, model, calibration, progress, spec.name, sparse=args.sparse_layers)
         model = result.model
         summary["pruning"] = result.summary()
     elif ratio > 0:

@@ -133,10 +133,11 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
                       rpc: str | None = None, rpc_key: str | None = None, dim_values: dict[str, int] | None = None,
                       calibration: dict[str, np.ndarray] | None = None, seed: int = 0, allow_inexact: bool = False,
                       widths: int = 3, refine: int = 3, tolerance: float = 0.05, cache_dir=None,
-                      measure_layers: bool = True, sparse: bool = True, beyond_reach: bool = False,
+                      measure_layers: bool = True, sparse: bool = False, beyond_reach: bool = False,
                       progress: Progress | None = None) -> SpeedupResult:
     """Prune ``model`` so that it runs ``speedup`` times faster than the dense model on ``target``; ``sparse``: let
-    layers run block-sparse where the target has BSR kernels (report["sparsity"] is compile_model's map). A goal
+    layers run block-sparse where the target has BSR kernels (report["sparsity"] is compile_model's map; off by
+    default: zeroed blocks are priced by magnitude and not compensated, which costs accuracy on small models). A goal
     predicted out of reach is refused (SpcError naming the reachable speed-up) unless ``beyond_reach``: then
     everything removable goes, which costs accuracy for little speed."""
     from .analysis import analyze
@@ -303,8 +304,9 @@ def _report(spec, measurer, speedup, round_to, shapes, t_dense, layer_sum, laten
 
 
 def cli_prune(args, model, calibration, progress, target: str | None, sparse: bool = False):
-    """``spc prune/compile --speedup``: (PruneResult, latency report). Only ``spc compile`` (``sparse``) may choose
-    block-sparse layers: ``spc prune`` writes a dense ONNX file that must be as fast by itself."""
+    """``spc prune/compile --speedup``: (PruneResult, latency report). Only ``spc compile --sparse-layers``
+    (``sparse``) may choose block-sparse layers: ``spc prune`` writes a dense ONNX file that must be as fast by
+    itself."""
     from .cli import _dims
 
     if not target:

@@ -82,6 +82,20 @@ def conv_bn_relu(b: GraphBuilder, x: str, cin: int, cout: int, k: int = 3, **att
     return b.op("Relu", [y])
 
 
+def quantized_weight(b: GraphBuilder, shape: tuple, axis: int = 0, scale_floor: float = 0.005) -> str:
+    """A per-channel int8 weight: DequantizeLinear(int8, scale[C], zero point[C]) along ``axis``."""
+    q = b.const(b.rng.integers(-100, 100, shape).astype(np.int8), "q")
+    scale = b.const((b.rng.random(shape[axis]) * 0.01 + scale_floor).astype(np.float32), "scale")
+    zero = b.const(b.rng.integers(-3, 3, shape[axis]).astype(np.int8), "zp")
+    return b.op("DequantizeLinear", [q, scale, zero], axis=axis)
+
+
+def quantized_activation(b: GraphBuilder, x: str, scale: float = 0.05) -> str:
+    """Per-tensor activation quantisation, as QDQ exporters put around every activation."""
+    s, z = b.const(np.float32(scale)), b.const(np.uint8(128))
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, z]), s, z])
+
+
 def close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
     scale = max(float(np.abs(a).max(initial=0.0)), 1.0)
     return a.shape == b.shape and float(np.abs(a - b).max(initial=0.0)) <= atol + rtol * scale

@@ -10,7 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spc
 from spc.report import channel_groups
-from tests.helpers import GraphBuilder, check_oracle, conv_bn_relu
+from tests.helpers import (
+    GraphBuilder,
+    check_oracle,
+    conv_bn_relu,
+    quantized_activation,
+    quantized_weight,
+)
 from tests.test_cli import expect_error, run_cli, small_cnn
 
 
@@ -132,28 +138,14 @@ def test_scan_and_if_pin_outer_scope_tensors_and_the_rest_prunes():
 
 # --- quantised graphs ------------------------------------------------------------------------------------------
 
-def _quantised(b: GraphBuilder, shape, axis: int = 0):
-    """A per-channel int8 weight: DequantizeLinear(int8, scale[C], zero point[C]) along ``axis``."""
-    q = b.const(b.rng.integers(-100, 100, shape).astype(np.int8), "q")
-    scale = b.const((b.rng.random(shape[axis]) * 0.01 + 0.005).astype(np.float32), "scale")
-    zero = b.const(b.rng.integers(-3, 3, shape[axis]).astype(np.int8), "zp")
-    return b.op("DequantizeLinear", [q, scale, zero], axis=axis)
-
-
-def _qdq(b: GraphBuilder, x: str) -> str:
-    """Per-tensor activation quantisation, as QDQ exporters put around every activation."""
-    s, z = b.const(np.float32(0.05)), b.const(np.uint8(128))
-    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, z]), s, z])
-
-
 def test_qdq_per_channel_weights_prune_int_weight_scale_and_zero_point_together():
     b = GraphBuilder(opset=13)
-    x = _qdq(b, b.input("x", ["N", 3, 8, 8]))
-    w1 = _quantised(b, (8, 3, 3, 3))
+    x = quantized_activation(b, b.input("x", ["N", 3, 8, 8]))
+    w1 = quantized_weight(b, (8, 3, 3, 3))
     bias = b.op("DequantizeLinear", [b.const(b.rng.integers(-50, 50, 8).astype(np.int32)),
                                      b.const(np.full(8, 0.01, np.float32))], axis=0)
-    h = _qdq(b, b.op("Sigmoid", [b.op("Conv", [x, w1, bias], pads=[1] * 4)]))  # a removed channel reads 0.5
-    w2 = _quantised(b, (4, 8, 1, 1))  # per channel of its output: its input slices are masked at the zero point
+    h = quantized_activation(b, b.op("Sigmoid", [b.op("Conv", [x, w1, bias], pads=[1] * 4)]))  # a removed channel reads 0.5
+    w2 = quantized_weight(b, (4, 8, 1, 1))  # per channel of its output: its input slices are masked at the zero point
     y = b.op("Conv", [h, w2])
     model = b.model(y)
     analysis = check_oracle(model)
@@ -301,9 +293,9 @@ def test_conv_weight_computed_at_run_time_prunes_with_obspa():
 
 def test_non_tensor_outputs_do_not_break_shape_probing():
     """skl2onnx's default classifier output is a ZipMap (a sequence of maps): shapes come from the tensors only."""
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
-    from skl2onnx import to_onnx
 
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32)

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import spc
 from spc.io import from_proto
-from tests.helpers import GraphBuilder, check_oracle
+from tests.helpers import (
+    GraphBuilder,
+    check_oracle,
+    quantized_activation,
+    quantized_weight,
+)
 
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -55,18 +59,6 @@ class Chain:
         if self.draw(st.booleans()):
             inputs.append(b.w(cout))
         return b.op("Conv", inputs, pads=[k // 2] * 4, group=group)
-
-
-def quantized_weight(b: GraphBuilder, shape: tuple, axis: int) -> str:
-    q = b.const(b.rng.integers(-100, 100, shape).astype(np.int8), "q")
-    scale = b.const((b.rng.random(shape[axis]) * 0.01 + 0.002).astype(np.float32), "scale")
-    zero = b.const(b.rng.integers(-3, 3, shape[axis]).astype(np.int8), "zp")
-    return b.op("DequantizeLinear", [q, scale, zero], axis=axis)
-
-
-def quantized_activation(b: GraphBuilder, x: str) -> str:
-    scale, zero = b.const(np.float32(0.02)), b.const(np.uint8(128))
-    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale, zero]), scale, zero])
 
 
 def image_block(chain: Chain) -> None:
@@ -133,8 +125,8 @@ def image_block(chain: Chain) -> None:
         chain.x, chain.c = b.op("Slice", [chain.x, b.ints(start), b.ints(end), b.ints(1)]), end - start
     elif kind == "qconv":  # QDQ form: a per-tensor quantised activation, a per-channel quantised weight
         cout = chain.width()
-        x = quantized_activation(b, chain.x) if draw(st.booleans()) else chain.x
-        chain.x, chain.c = b.op("Conv", [x, quantized_weight(b, (cout, c, 1, 1), 0)]), cout
+        x = quantized_activation(b, chain.x, scale=0.02) if draw(st.booleans()) else chain.x
+        chain.x, chain.c = b.op("Conv", [x, quantized_weight(b, (cout, c, 1, 1), 0, scale_floor=0.002)]), cout
     elif kind == "fused":
         cout = chain.width()
         fused = b.op("FusedConv", [chain.x, b.w(cout, c, 3, 3), b.w(cout)], domain="com.microsoft",
@@ -161,7 +153,7 @@ def feature_block(chain: Chain, rank: int) -> None:
         chain.x = b.op(draw(st.sampled_from(ACTIVATIONS)), [chain.x])
     elif kind == "qmatmul":
         cout = chain.width()
-        chain.x, chain.c = b.op("MatMul", [chain.x, quantized_weight(b, (c, cout), 1)]), cout
+        chain.x, chain.c = b.op("MatMul", [chain.x, quantized_weight(b, (c, cout), 1, scale_floor=0.002)]), cout
     elif kind == "layernorm":
         chain.x = b.op("LayerNormalization", [chain.x, b.w(c, positive=True), b.w(c)], axis=-1)
     elif kind == "residual":

@@ -373,7 +373,7 @@ def test_speedup_with_block_sparse_layers_records_them_and_matches_ort(tmp_path,
     path = tmp_path / "mlp.onnx"
     spc.save(model, path)
     bundle = tmp_path / "bundle"
-    code = main(["compile", str(path), "--target", "x86", "--speedup", "1.8", "--criterion", "l1",
+    code = main(["compile", str(path), "--target", "x86", "--speedup", "1.8", "--criterion", "l1", "--sparse-layers",
                  "--latency-widths", "2", "--dim", "batch=128", "-o", str(bundle), "--json", "-q"])
     assert code == 0 and json.loads(capsys.readouterr().out)["latency"]["file"] == "latency.json"
     report = json.loads((bundle / "latency.json").read_text())
