@@ -1043,16 +1043,21 @@ def layer_norm(
             val = f"{val} + Bt[{i}]"
         return val
 
-    if full:
-        a(2, f"for q in range({full}):")
-        a(3, f"for v in T.vectorized({lanes}):")
-        a(4, f"Y[r, q * {lanes} + v] = {norm(f'q * {lanes} + v')}")
-    if rest:
-        a(2, f"for v in range({rest}):")
-        a(3, f"Y[r, {full * lanes} + v] = {norm(f'{full * lanes} + v')}")
+    _store_row(a, full, rest, lanes, norm)
     src = a.text()
     consts = [np.ascontiguousarray(c, dtype=np.float32).reshape(d) for c in (gamma, beta) if c is not None]
     return Kernel(name, _parse(src, name), consts, src)
+
+
+def _store_row(a: _Src, full: int, rest: int, lanes: int, value) -> None:
+    """Y[r, i] = value(i) over a row: ``full`` vectorised chunks of ``lanes``, then ``rest`` scalar columns."""
+    if full:
+        a(2, f"for q in range({full}):")
+        a(3, f"for v in T.vectorized({lanes}):")
+        a(4, f"Y[r, q * {lanes} + v] = {value(f'q * {lanes} + v')}")
+    if rest:
+        a(2, f"for v in range({rest}):")
+        a(3, f"Y[r, {full * lanes} + v] = {value(f'{full * lanes} + v')}")
 
 
 def softmax(name: str, d: int, params: CpuKernelParams, rows_static: int | None = None) -> Kernel:
@@ -1094,12 +1099,6 @@ def softmax(name: str, d: int, params: CpuKernelParams, rows_static: int | None 
         a(2, f"Y[r, {j}] = {_fast_exp(f'X[r, {j}] - mx[0]')}")
         a(2, f"tot[0] = tot[0] + Y[r, {j}]")
     a(2, "tot[0] = S[0] / tot[0]")
-    if full:
-        a(2, f"for q in range({full}):")
-        a(3, f"for v in T.vectorized({lanes}):")
-        a(4, f"Y[r, q * {lanes} + v] = Y[r, q * {lanes} + v] * tot[0]")
-    if rest:
-        a(2, f"for v in range({rest}):")
-        a(3, f"Y[r, {full * lanes} + v] = Y[r, {full * lanes} + v] * tot[0]")
+    _store_row(a, full, rest, lanes, lambda i: f"Y[r, {i}] * tot[0]")
     src = a.text()
     return Kernel(name, _parse(src, name), [np.ones(1, np.float32)], src)
