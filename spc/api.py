@@ -92,11 +92,12 @@ def prune(model, ratio: float = 0.5, by: str = "macs", criterion: str = "obspa",
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    say("analysing channel coupling")
-    if isinstance(model, Analysis):
-        analysis = model if model.allow_inexact == allow_inexact else analyze(model.graph, allow_inexact)
+    if isinstance(model, Analysis) and model.allow_inexact == allow_inexact:
+        analysis = model
     else:
-        analysis = analyze(Graph(_as_model(model)), allow_inexact=allow_inexact)
+        say("analysing channel coupling")
+        graph = model.graph if isinstance(model, Analysis) else Graph(_as_model(model))
+        analysis = analyze(graph, allow_inexact=allow_inexact)
     timings["analyse"] = time.perf_counter() - clock
     if ratio > 0:
         _check_something_prunable(analysis, model)

@@ -84,7 +84,11 @@ def cmd_prune(args) -> int:
 
         result, latency = cli_prune(args, model, calibration, progress, args.target)
     else:
-        result = api.prune(model, ratio=ratio, by=args.by, criterion=args.criterion, round_to=args.round_to,
+        from .analysis import analyze
+
+        progress("analysing channel coupling")
+        analysis = analyze(model, allow_inexact=args.allow_inexact)  # of the loaded model: normalised once
+        result = api.prune(analysis, ratio=ratio, by=args.by, criterion=args.criterion, round_to=args.round_to,
                            seed=args.seed, allow_inexact=args.allow_inexact, dim_values=_dims(args.dim),
                            calibration=calibration, progress=progress)
     summary = result.summary()
