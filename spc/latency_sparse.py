@@ -13,6 +13,9 @@ Removing channels and zeroing weight blocks both buy time; the planner spends im
   magnitude is charged as removing ``f * c`` average channels: ``f * c * u`` (``c``: the output channels when the
   plan may narrow them, else the input channels). A channel removal also takes the weights of the next layer for
   the same cost, so the charge is, if anything, on the side of keeping layers dense.
+* Compensation. The blocks of a layer that runs sparse are chosen by OBS saliency and the rest of their rows
+  re-fitted with the layer's input moments (``compensate_blocks``, passes/block_obs.py) when the criterion has
+  moments (obspa, obs); the charge above stays the magnitude share, i.e. on the side of keeping layers dense.
 * Choice. Options (layer, density) are ranked by importance per second saved at the dense plan's widths. For each
   prefix of that ranking the width planner (latency_plan.py) plans again with those layers sparse; the prefix that
   meets the goal with the least total loss (importance of the channels removed + the charges of the sparse layers at
@@ -141,3 +144,26 @@ def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyM
             best = trial
     latency.set_densities(best.densities)
     return best
+
+
+def compensate_blocks(analysis: Analysis, scorer, plan: Plan, pruned, sparsity: dict[str, float]):
+    """(model, weights compensated): the BSR layers' blocks zeroed by OBS saliency and their rows re-fitted
+    (passes/block_obs.py) with the scorer's second moments of each layer's input, its kept channels; compile_model
+    then finds those blocks zeroed. Without moments (magnitude criteria) a layer is left to compile_model's
+    magnitude zeroing."""
+    from .passes.block_obs import compensated_sparsity
+    from .weights import loaded
+
+    table = getattr(scorer, "moment_table", None) or {}
+    layers = {layer.weight: layer for layer in analysis.layers}
+
+    def hessian_of(node):
+        layer = layers.get(node.input[1])
+        found = table.get((layer.input, layer.input_axis)) if layer is not None else None
+        if found is None:
+            return None
+        kept = ~plan.removed[analysis.dim_labels((layer.weight, layer.weight_in_axis))]
+        second = loaded(found[1])
+        return second[np.ix_(kept, kept)] if second.shape[0] == kept.size else None
+
+    return compensated_sparsity(pruned, sparsity, hessian_of)

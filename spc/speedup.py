@@ -30,7 +30,7 @@ from .errors import SpcError
 from .graph import Graph
 from .latency_layers import find_layers
 from .latency_plan import LatencyModel, lowest_removal, plan_for_latency
-from .latency_sparse import measure_sparse, plan_with_sparsity, price_blocks
+from .latency_sparse import compensate_blocks, measure_sparse, plan_with_sparsity, price_blocks
 from .rewrite import apply_removal
 
 FORMAT = "spc-latency/1"
@@ -215,6 +215,9 @@ class _Search:
         compensate = getattr(self.scorer, "compensate", None)
         if compensate is not None:
             pruned = compensate(self.analysis, plan, pruned, self.context)
+        if sparsity:
+            pruned, done = compensate_blocks(self.analysis, self.scorer, plan, pruned, sparsity)
+            self.say(f"block-sparse layers compensated with OBS: {len(done)} of {len(sparsity)}")
         self.say(f"compiling and timing the pruned model (planned for {goal:.3f}x)")
         runner = self.measurer.runner(pruned, self.shapes, **({"sparsity": sparsity} if sparsity else {}))
         t_dense, t_pruned = _interleaved(self.measurer, self.dense, runner)
