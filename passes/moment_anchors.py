@@ -117,7 +117,7 @@ def fit_cov(cov: np.ndarray, w: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (vectors * np.maximum(values, floor)) @ vectors.T
 
 
-def anchored(graph, tensor: str, mean: np.ndarray, cov: np.ndarray, const, fit_variance: bool = True
+def anchored(graph, tensor: str, mean: np.ndarray, cov: np.ndarray, const, fit_variance: bool = False
              ) -> tuple[np.ndarray, np.ndarray] | None:
     """``tensor``'s channel moments corrected by every BatchNorm-anchored linear layer that reads it; None when no
     such layer does."""
