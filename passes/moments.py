@@ -479,9 +479,12 @@ class Propagator:
             return state
         if isinstance(state, Func) and any(node.op_type not in ("Conv", "Gemm", "MatMul") for node in readers):
             return state
-        gauss = materialise(state, self.options.hermite_terms)
-        found = anchored(self.graph, name, gauss.mean, gauss.cov, self.const, self.options.look_ahead_variance)
-        if found is None:
+        try:
+            gauss = materialise(state, self.options.hermite_terms)
+            found = anchored(self.graph, name, gauss.mean, gauss.cov, self.const, self.options.look_ahead_variance)
+        except (ValueError, np.linalg.LinAlgError):  # a correction that cannot be made leaves the estimate as it is
+            return state
+        if found is None or not (np.all(np.isfinite(found[0])) and np.all(np.isfinite(found[1]))):
             return state
         return Gauss(gauss.axes, gauss.sizes, found[0], _sym(found[1]), gauss.name)
 
