@@ -20,10 +20,13 @@ correlation of ``spatial`` (0.5, OBSPA's conv model). Damping ``1e-2 x mean(diag
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve, cholesky
 
+from .obs_algebra import spd_inverse
 from .sparsify import _attr, _out_in_view, block_mask
 
 LAZY_COLUMNS = 128
@@ -47,7 +50,7 @@ def obs_block_sparsify(w_out_in: np.ndarray, fraction: float, block: tuple[int, 
     h[np.diag_indices(n)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    hinv = cho_solve(cho_factor(h, lower=True, check_finite=False), np.eye(n), check_finite=False)
+    hinv = spd_inverse(h)
     keep = block_mask(w / np.sqrt(np.diag(hinv))[None, :], fraction, block)
     if n <= EXACT_MAX:
         return _exact(w, keep, hinv, block[0])
@@ -100,8 +103,6 @@ def compensated_sparsity(model, fractions: dict[str, float], hessian_of, block: 
     """A copy of ``model`` whose weights named in ``fractions`` are block-sparse and OBS-compensated;
     ``hessian_of(node)`` gives ``E[x x^T]`` over the node's input channels, or None (then blocks are zeroed by
     magnitude alone, as compile_model would). Returns (model, names of the weights compensated)."""
-    import copy
-
     model = copy.deepcopy(model)
     inits = {init.name: init for init in model.graph.initializer}
     done = []

@@ -29,6 +29,7 @@ layers alone, the same plan reaches 0.86 at 1.25x).
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 RIDGE = 1e-3  # relative damping of both least-squares fits
 MAX_WIDTH = 2048  # the variance fit solves an outputs x outputs system and projects an inputs x inputs matrix
@@ -54,10 +55,8 @@ def anchor_of(graph, node, tensor: str, const):
 
 
 def _attr(node, name, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return attribute.i if attribute.type == attribute.INT else attribute.f
-    return default
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
 
 
 def _linear_weights(graph, node, const):
