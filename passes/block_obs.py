@@ -57,6 +57,22 @@ def obs_block_sparsify(w_out_in: np.ndarray, fraction: float, block: tuple[int, 
     return _sequential(w, keep, hinv)
 
 
+def block_cost(w_out_in: np.ndarray, fraction: float, block: tuple[int, int], channels: np.ndarray, taps: int = 1,
+               row_weight: np.ndarray | None = None, spatial: float = 0.5) -> float:
+    """What zeroing ``fraction`` of the blocks costs after the re-fit, in OBSPA's cost units: the energy of the
+    change of the layer's output, ``sum_r s_r^2 dW_r (I_taps (x) H) dW_r^T`` (``s``: the BatchNorm weighting of each
+    output row that OBSPA's channel costs carry; taps independent, as OBSPA's conv costs take them), so that the
+    latency planner can weigh zeroed blocks against removed channels on one scale."""
+    if fraction <= 0:
+        return 0.0
+    old = np.asarray(w_out_in, dtype=np.float64)
+    delta = obs_block_sparsify(old, fraction, block, tap_hessian(channels, taps, spatial)) - old
+    if row_weight is not None:
+        delta = delta * np.asarray(row_weight, dtype=np.float64)[:, None]
+    per_tap = delta.reshape(delta.shape[0], -1, taps)  # [rows, channels, taps], taps fastest as in W.reshape
+    return float(np.einsum("rct,cd,rdt->", per_tap, np.asarray(channels, dtype=np.float64), per_tap))
+
+
 def _exact(w: np.ndarray, keep: np.ndarray, hinv: np.ndarray, rows_per_block: int) -> np.ndarray:
     """Least squares over all kept weights of each block row (they share one support): with removed set R,
     ``delta = -H^-1[:, R] (H^-1_RR)^-1 w_R``, which zeroes ``w_R`` and re-fits every kept weight."""

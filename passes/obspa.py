@@ -400,6 +400,7 @@ class ObspaImportance(ImportancePass):
                     values = fallback[group.atoms]
                     scores[group.atoms] = level * values / max(values.mean(), 1e-300)
         release_freed_memory()
+        self.costs = scores.copy()  # OBS costs as they are (additive): the latency planner weighs blocks against them
         return self._rank(scores)
 
     def _rank(self, scores: np.ndarray) -> np.ndarray:

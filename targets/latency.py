@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -86,14 +86,31 @@ class LatencyCache:
             pass  # a read-only cache only costs re-measurement
 
 
+CODEGEN_SOURCES = ("compile.py", "lower.py", "kernels.py", "measure.py", "registry.py")
+_codegen: str | None = None
+
+
+def codegen_fingerprint() -> str:
+    """Digest of the sources that decide which code a layer compiles to: a time measured with other kernels or
+    schedules (an older spc) is not this code's time. Found in the cache after a kernel change, a conv measured
+    3-5x slower than it now runs made the planner price block-sparse kernels at many times their real gain."""
+    global _codegen
+    if _codegen is None:
+        digest = hashlib.sha1()
+        for name in CODEGEN_SOURCES:
+            digest.update((Path(__file__).parent / name).read_bytes())
+        _codegen = digest.hexdigest()[:16]
+    return _codegen
+
+
 def measurement_key(measurer, layer, ci: int, co: int, density: float = 1.0) -> dict:
     import tvm
 
     spec = measurer.spec
     key = {"format": CACHE_FORMAT, "target": spec.name, "tvm_target": spec.tvm_target, "tvm": tvm.__version__,
-           "device": measurer.device_name, "threads": os.environ.get("TVM_NUM_THREADS", ""),
-           "layer": layer.key(), "ci": int(ci), "co": int(co)}
-    if density < 1.0:  # dense keys stay as they were: existing caches remain valid
+           "codegen": codegen_fingerprint(), "device": measurer.device_name,
+           "threads": os.environ.get("TVM_NUM_THREADS", ""), "layer": layer.key(), "ci": int(ci), "co": int(co)}
+    if density < 1.0:
         key["density"], key["kernel"] = round(float(density), 4), "bsr"
     return key
 
@@ -127,12 +144,13 @@ def _contradicted(seconds: list[list[float]]) -> list[tuple[int, int]]:
 
 
 def measure_table(measurer, layer, in_widths: list[int], out_widths: list[int],
-                  cache: LatencyCache | None = None) -> LatencyTable:
+                  cache: LatencyCache | None = None, again: bool = False) -> LatencyTable:
     """Time the grid; re-time points contradicted by wider ones, then take the monotone envelope (a point's time is
-    at most that of any wider point) so that pruning never predicts a slow-down from noise."""
+    at most that of any wider point) so that pruning never predicts a slow-down from noise. ``again`` times every
+    point once more (keeping the faster of that and a cached time)."""
     if layer.depthwise:
         in_widths = in_widths[-1:]  # a depthwise layer's input width is its output width
-    seconds = [[measure_layer(measurer, layer, ci, co, cache) for co in out_widths] for ci in in_widths]
+    seconds = [[measure_layer(measurer, layer, ci, co, cache, again=again) for co in out_widths] for ci in in_widths]
     for _ in range(RETRIES):
         bad = _contradicted(seconds)
         for i, j in bad:

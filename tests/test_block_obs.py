@@ -111,3 +111,26 @@ def test_speedup_glue_compensates_a_pruned_layer_with_obspas_moments():
     plain = run(sparsify(pruned, {second: 0.5}, min_size=1)[0], feeds)[name]
     ours = run(compensated, feeds)[name]
     assert np.linalg.norm(ours - reference[name]) < 0.8 * np.linalg.norm(plain - reference[name])
+
+
+def test_block_cost_is_the_output_energy_the_refit_leaves():
+    """The latency planner weighs zeroed blocks against OBSPA's channel costs: both must be the (row-weighted)
+    energy of the change of the layer's output, measured here on the samples that define H."""
+    from spc.passes.block_obs import block_cost
+
+    rng = np.random.default_rng(3)
+    x = correlated_inputs(3000, 24)
+    w = rng.standard_normal((8, 24))
+    rows = rng.uniform(0.5, 2.0, 8)
+    hessian = x.T @ x / len(x)
+    delta = obs_block_sparsify(w, 0.5, (4, 1), hessian) - w
+    measured = float(np.mean(np.sum((x @ delta.T * rows) ** 2, axis=1)))
+    assert abs(block_cost(w, 0.5, (4, 1), hessian, 1, rows) / measured - 1) < 1e-9
+    assert block_cost(w, 0.0, (4, 1), hessian) == 0.0
+    assert block_cost(w, 0.3, (4, 1), hessian) < block_cost(w, 0.6, (4, 1), hessian)
+    # a conv weight [out, channels x taps]: taps independent, each tap's change weighed by the channel moments
+    taps, channels = 4, hessian[:6, :6]
+    conv = rng.standard_normal((8, 6 * taps))
+    delta = (obs_block_sparsify(conv, 0.5, (4, 1), tap_hessian(channels, taps)) - conv).reshape(8, 6, taps)
+    expected = sum(np.trace(delta[:, :, t] @ channels @ delta[:, :, t].T) for t in range(taps))
+    assert abs(block_cost(conv, 0.5, (4, 1), channels, taps) / expected - 1) < 1e-9

@@ -80,6 +80,18 @@ def test_measurements_are_cached_on_disk(tmp_path):
     assert fake.calls == 5  # another shape is another key
 
 
+def test_cached_times_of_other_kernel_code_are_not_used(tmp_path, monkeypatch):
+    """A time measured with another version of spc's code generation is not this code's time."""
+    from spc.targets import latency
+
+    layer, fake = LayerSpec("matmul", rows=4), _Fake()
+    measure_table(fake, layer, [16], [16], LatencyCache(tmp_path))
+    assert fake.calls == 1 and latency.measurement_key(fake, layer, 16, 16)["codegen"] == latency.codegen_fingerprint()
+    monkeypatch.setattr(latency, "_codegen", "another-kernel-version")
+    measure_table(fake, layer, [16], [16], LatencyCache(tmp_path))
+    assert fake.calls == 2
+
+
 class _Noisy(_Fake):
     """The first timing of the narrowest point is slowed down (another process took the core)."""
 
@@ -311,6 +323,72 @@ def test_negative_scores_do_not_make_zeroed_blocks_free():
     assert choice.densities == {1: 0.2} and choice.loss >= 0
 
 
+def test_planner_prices_blocks_in_obs_costs_when_the_criterion_has_them():
+    """obspa's costs are additive output energies; blocks priced on that scale (BlockPricer) compete with channels
+    directly: cheap blocks are taken and dear ones are not, whatever share of the magnitude they hold."""
+    from spc.latency_sparse import plan_with_sparsity
+
+    analysis, latency, layers = _mlp_latency_model()
+    layers[1].bsr, layers[1].bsr_loss = {0.2: 0.1}, {0.2: 0.9}  # by magnitude share: too dear to take
+    costs = np.random.default_rng(0).random(analysis.atom_count) + 0.1
+    target = latency.predict(np.zeros(analysis.atom_count, dtype=bool)) / 2.0
+    seen = []
+
+    def pricer(price):
+        def priced(layer, density, removed):
+            seen.append((layer.weight, density, removed.shape))
+            return price
+        return priced
+
+    cheap = plan_with_sparsity(analysis, -1.0 / costs, latency, target, round_to=8, normalize=False, costs=costs,
+                               pricer=pricer(1e-3))
+    assert cheap.densities == {1: 0.2} and cheap.predicted <= target
+    assert set(seen) == {(layers[1].weight, 0.2, (analysis.atom_count,))}
+    assert cheap.loss == pytest.approx(costs[cheap.plan.removed].sum() + 1e-3)
+    dear = plan_with_sparsity(analysis, -1.0 / costs, latency, target, round_to=8, normalize=False, costs=costs,
+                              pricer=pricer(1e3))
+    assert dear.densities == {} and dear.predicted <= target
+
+
+def test_block_price_is_what_the_compensated_blocks_change_in_the_layer_output():
+    """BlockPricer at a plan's kept channels equals the mean squared change of the layer's output that
+    compensate_blocks makes in the pruned model, on the samples whose moments OBS was given."""
+    import copy
+
+    import onnx
+
+    from spc.latency_sparse import BlockPricer, compensate_blocks
+    from spc.passes import PassContext
+    from spc.passes.obspa import ObspaImportance
+    from spc.rewrite import apply_removal
+    from spc.validate import run
+
+    analysis, _latency, layers = _mlp_latency_model()
+    model = analysis.graph.model
+    linear = next(layer for layer in analysis.layers if layer.weight == layers[1].weight)
+    probe = copy.deepcopy(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(linear.input, onnx.TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    inputs = np.concatenate([run(probe, {"input": x + 0.1 * k})[linear.input] for k in range(64)]).astype(np.float64)
+    scorer = ObspaImportance(hessians={(linear.input, linear.input_axis):
+                                       (inputs.mean(0), inputs.T @ inputs / len(inputs))})
+    scorer(analysis, PassContext())
+    removed = np.zeros(analysis.atom_count, dtype=bool)
+    removed[analysis.dim_labels((linear.weight, linear.weight_in_axis))[:16]] = True  # 16 input channels gone
+    price = BlockPricer(analysis, scorer)(layers[1], 0.5, removed)
+    pruned = apply_removal(analysis, removed)
+    plan = type("Plan", (), {"removed": removed})()
+    sparse, done = compensate_blocks(analysis, scorer, plan, pruned, {linear.weight: 0.5})
+    assert done == [linear.weight]
+    before, after = (next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == linear.weight)
+                     for m in (pruned, sparse))
+    delta = (after - before).astype(np.float64)
+    delta = delta if linear.weight_in_axis == 0 else delta.T  # [in, out]
+    kept = inputs[:, 16:]
+    measured = float(np.mean(np.sum((kept @ delta) ** 2, axis=1)))
+    assert price > 0 and price == pytest.approx(measured, rel=1e-4)
+
+
 def test_block_prices_are_the_magnitude_sparsify_zeroes():
     from spc.latency_sparse import price_blocks
     from spc.passes.sparsify import sparsify
@@ -412,3 +490,32 @@ def test_a_speedup_out_of_reach_is_refused_naming_what_is_reachable(tmp_path, mo
     with pytest.raises(SpcError, match=r"2x is predicted out of reach on x86: at most 1\.\d\dx.*ask for at most 1\."):
         speedup.prune_for_speedup(model, 2.0, "x86", criterion="l1", sparse=False, cache_dir=tmp_path,
                                   dim_values={"batch": 4})
+
+
+class _LoadedFirst(_OverheadBound):
+    """Layers timed while another job held the core: the first round of timings says each layer takes the whole
+    model's second; timed again they take microseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.rounds: dict = {}
+
+    def time_layer(self, layer, ci, co):
+        key = (str(layer.key()), ci, co)
+        self.rounds[key] = self.rounds.get(key, 0) + 1
+        return 1.0 if self.rounds[key] == 1 else super().time_layer(layer, ci, co)
+
+
+def test_layer_tables_that_add_up_to_more_than_the_model_are_timed_again(tmp_path, monkeypatch):
+    from spc import speedup
+    from spc.errors import SpcError
+
+    fake = _LoadedFirst()
+    monkeypatch.setattr(speedup, "_measurer", lambda *args: fake)
+    model = from_proto(testing.mlp(d_in=32, hidden=64, d_out=2048, batch=4))
+    said = []
+    with pytest.raises(SpcError, match="out of reach"):  # as timed again: the layers are not where the time goes
+        speedup.prune_for_speedup(model, 2.0, "x86", criterion="l1", cache_dir=tmp_path, dim_values={"batch": 4},
+                                  progress=said.append)
+    assert any("timing them again" in line for line in said)
+    assert set(fake.rounds.values()) == {2}  # every point of every table, once more
