@@ -11,9 +11,9 @@ Removing channels and zeroing weight blocks both buy time; the planner spends im
   consumers' outputs after their re-fit, each output weighted by the BatchNorm after it; zeroed blocks cost the same
   quantity for the blocks ``compensate_blocks`` will zero, after the re-fit of the rest of their rows, at the
   channels the plan keeps (``BlockPricer``, passes/block_obs.block_cost). One scale, so the planner trades one
-  against the other directly. Measured on the trained digits CNN (planner only, same latency tables): at a
-  predicted 2.2x the magnitude-share charge below chose the first conv at 20% of its blocks and kept 0.50
-  accuracy, the OBS price two convs at 50%, 0.98 (dense widths only: 0.94).
+  against the other directly. It still under-prices the first conv after the trained digits CNN's 1-channel stem
+  (bench/README.md: 50% of its blocks and of layer1.conv2's with 2.4x fewer MACs kept 0.71 accuracy, where the
+  dense-only plan of the same speed kept 0.98), which is why ``--sparse-layers`` stays opt-in.
 * Importance, otherwise (magnitude criteria). Zeroing blocks costs what they hold: passes/sparsify.py zeroes the
   blocks of least norm, worth a share ``f`` of the layer's L1 weight magnitude. The planner compares channel
   removals in normalised importance (each group's scores over their mean, shifted so that the least important

@@ -519,3 +519,28 @@ def test_layer_tables_that_add_up_to_more_than_the_model_are_timed_again(tmp_pat
                                   progress=said.append)
     assert any("timing them again" in line for line in said)
     assert set(fake.rounds.values()) == {2}  # every point of every table, once more
+
+
+def test_search_times_the_closest_attempts_again_before_choosing(monkeypatch):
+    """One lucky measurement (2.06x for a plan that runs 1.7x) must not pick the plan: the two attempts closest to
+    the goal are timed again and the closer one on that measurement wins."""
+    from spc import speedup
+
+    first = [2.06, 1.85, 2.5, 1.6]  # what each attempt measured when it was made
+    true = [1.7, 1.95, 2.5, 1.6]  # what timing it again says
+    state = speedup._Search.__new__(speedup._Search)
+    state.measurer, state.dense, state.say, state.iterations = None, None, lambda _m: None, []
+    state._recalibrate = lambda: None
+
+    def attempt(goal):
+        index = len(state.iterations)
+        record = {"goal": goal, "measured_speedup": first[index]}
+        state.iterations.append(record)
+        return {"record": record, "index": index, "runner": index}
+
+    state.attempt = attempt
+    monkeypatch.setattr(speedup, "_interleaved", lambda _m, _d, runner, rounds: (1.0, 1.0 / true[runner], true[runner]))
+    best = state.search(2.0, refine=3, tolerance=0.02)
+    assert len(state.iterations) == 4 and best["index"] == 1
+    assert best["record"]["confirmed_speedup"] == 1.95 and "confirmed_speedup" in state.iterations[0]
+    assert "confirmed_speedup" not in state.iterations[2]  # not a finalist: not timed again
