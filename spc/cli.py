@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", default="4x1", help="sparse block RxC (default 4x1)")
     p.add_argument("--sparse-layers", action="store_true",
                    help="with --speedup: also let layers run block-sparse where that was measured to pay (blocks "
-                        "chosen and the rest re-fitted by OBS with the criterion's moments; can still cost accuracy "
-                        "on small trained models)")
+                        "priced, chosen and the rest re-fitted by OBS with the criterion's moments; can still cost "
+                        "accuracy on small trained models)")
     p.add_argument("-o", "--output", required=True, help="bundle directory")
     p.add_argument("--eval", help=".npz with model inputs (and 'label'): accuracy of the model and of the bundle's")
     p.set_defaults(func=cmd_compile)

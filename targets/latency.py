@@ -91,9 +91,10 @@ _codegen: str | None = None
 
 
 def codegen_fingerprint() -> str:
-    """Digest of the sources that decide which code a layer compiles to: a time measured with other kernels or
-    schedules (an older spc) is not this code's time. Found in the cache after a kernel change, a conv measured
-    3-5x slower than it now runs made the planner price block-sparse kernels at many times their real gain."""
+    """Digest of the sources that decide which code a layer compiles to and how it is timed: a time measured with
+    other kernels or schedules (an older spc) is not this code's time. The cache once held conv times from before
+    the latency code was committed, 3-5x what the layers now take, and the planner priced block-sparse kernels at
+    many times their real gain from them."""
     global _codegen
     if _codegen is None:
         digest = hashlib.sha1()
