@@ -6,7 +6,8 @@ through the graph in topological order as a Gaussian description of each tensor 
 (a mean vector and a covariance matrix; every other axis is a sample or position that is pooled over):
 
 * **Inputs**: an assumed prior, i.i.d. per element (mean 0, variance 1 by default: standardised inputs); a small
-  input (at most 1024 values per sample) keeps all its non-batch axes as features, a larger one only its channels.
+  input (at most 1024 values per sample) keeps all its non-batch axes as features, a larger one only its channels
+  (axis 1, or the last axis of embeddings ``[batch, tokens, width]`` read by a MatMul or a LayerNorm).
   Integer inputs (token ids) carry nothing; their embedding ``Gather`` does (below).
 * **Conv** (plain, grouped, depthwise): ``m_y = (sum_t W_t) m + b``; the covariance over output channels mixes two
   models of the spatial correlation of the input: taps independent, ``sum_t W_t S W_t^T``, and taps fully
@@ -37,6 +38,7 @@ through the graph in topological order as a Gaussian description of each tensor 
   centring (``s^2 = (tr S + |m|^2) / n + eps``); the scale that follows is an ordinary constant Mul.
 * **Attention** (``softmax(QK^T) @ V``): a convex mix of V's rows over positions: V's mean, V's covariance.
 * **Embedding Gather** from a constant table: the mean and covariance of the table's rows (uniform tokens).
+* **Split** along a feature axis (a fused QKV projection): each part is its slice of the mean and covariance.
 * **BatchNorm look-ahead** (``moment_anchors.py``): a tensor read by a 1x1 Conv / Gemm / 2-D MatMul whose output
   goes straight into a BatchNorm gets its mean re-fitted to that BatchNorm's running mean (least squares through the
   layer's weight; an expansion layer over-determines it). EfficientNet-Lite0, no data, top-1 agreement on real
@@ -571,11 +573,21 @@ class Propagator:
         if any(d >= 1_000_003 for d in rest):
             return None
         total = int(np.prod(rest, dtype=np.int64))
-        axes = tuple(range(1, len(shape))) if total <= MAX_INPUT_FEATURES else (1,)
+        axes = tuple(range(1, len(shape))) if total <= MAX_INPUT_FEATURES else (self._channel_axis(name, len(shape)),)
         sizes = tuple(shape[a] for a in axes)
         width = int(np.prod(sizes, dtype=np.int64))
         opt = self.options
         return Gauss(axes, sizes, np.full(width, opt.input_mean), np.eye(width) * opt.input_std**2)
+
+    def _channel_axis(self, name: str, rank: int) -> int:
+        """The axis of a model input that its layers read as channels: the last one where a MatMul contracts it
+        or a LayerNorm normalises it (embeddings [batch, tokens, width]), else 1 (NCHW images, [N, C, L])."""
+        for node in self.graph.consumers.get(name, []):
+            if node.op_type == "MatMul" and node.input[0] == name:
+                return rank - 1
+            if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+                return int(_attr(node, "axis", -1)) % rank
+        return 1
 
     def get(self, name: str):
         return self.states.get(name) if name else None
@@ -625,6 +637,8 @@ class Propagator:
             return [self._gather(node)]
         if op == "Concat":
             return [self._concat(node)]
+        if op == "Split":
+            return self._split(node)
         return None
 
     def _conv(self, node):
@@ -1036,6 +1050,34 @@ class Propagator:
         mean = rows.mean(axis=0)
         cov = np.cov(rows, rowvar=False, bias=True) if rows.shape[0] > 1 else np.zeros((table.shape[1],) * 2)
         return Gauss((len(out) - 1,), (table.shape[1],), mean, _sym(np.atleast_2d(cov)))
+
+    def _split(self, node):
+        """Each output keeps its slice of the features (a fused QKV projection split into Q, K and V); a split
+        along an axis the state does not cover gives nothing."""
+        state, shape = self.gauss(node.input[0]), self.shape(node.input[0])
+        count = len(node.output)
+        if state is None or shape is None:
+            return [None] * count
+        axis = int(_attr(node, "axis", 0)) % len(shape)
+        if axis not in state.axes:
+            return [None] * count
+        given = self.graph.weight(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
+        if given is not None:
+            sizes = [int(v) for v in np.asarray(given).reshape(-1)]
+        else:  # equal parts, the last one smaller if it must be (opset 18)
+            step = -(-shape[axis] // count)
+            sizes = [min(step, shape[axis] - i * step) for i in range(count)]
+        if sum(sizes) != shape[axis] or len(sizes) != count:
+            return [None] * count
+        k = state.axes.index(axis)
+        grid = np.arange(state.width).reshape(state.sizes)
+        outputs, start = [], 0
+        for size in sizes:
+            index = np.take(grid, np.arange(start, start + size), axis=k).reshape(-1)
+            sizes_out = state.sizes[:k] + (size,) + state.sizes[k + 1:]
+            outputs.append(Gauss(state.axes, sizes_out, state.mean[index], state.cov[np.ix_(index, index)]))
+            start += size
+        return outputs
 
     def _concat(self, node):
         axis = int(_attr(node, "axis", 0))

@@ -116,6 +116,16 @@ class BlockPricer:
         self.linear = {layer.weight: layer for layer in analysis.layers}
         self.cache: dict = {}
 
+    def _row_weights(self, linear, out_channels: int) -> np.ndarray:
+        """Per output channel, the weight OBSPA's costs give that layer's output (its consumer's ``row_scale``:
+        the BatchNorm after it, times the output sensitivity when the criterion weighs by it)."""
+        consumer = next((c for c in getattr(self.scorer, "consumers", []) if c.layer.weight == linear.weight), None)
+        if consumer is None or consumer.row_scale.size != consumer.out_index.size:
+            return self.scorer._row_scale(self.analysis, linear, out_channels)
+        per_out = np.ones(out_channels)
+        per_out[consumer.out_index] = consumer.row_scale
+        return per_out
+
     @staticmethod
     def applies(scorer) -> bool:
         return getattr(scorer, "costs", None) is not None and bool(getattr(scorer, "moment_table", None))
@@ -137,7 +147,7 @@ class BlockPricer:
             second = loaded(found[1])
             if second.shape[0] != keep_in.size:
                 return None
-            rows = self.scorer._row_scale(self.analysis, linear, keep_out.size)[keep_out]
+            rows = self._row_weights(linear, keep_out.size)[keep_out]
             taps = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
             self.cache[key] = block_cost(w.reshape(w.shape[0], -1), 1.0 - density, BLOCK,
                                          second[np.ix_(keep_in, keep_in)], taps, rows)

@@ -358,3 +358,28 @@ def test_obs_without_calibration_is_a_clear_error(tmp_path, capsys):
     code = cli_main(["prune", str(MODELS / "digits_cnn.onnx"), "--criterion", "obs", "-o", str(tmp_path / "o.onnx")])
     assert code == 2
     assert "calibration" in capsys.readouterr().err
+
+
+def test_an_embedding_input_is_read_along_the_axis_its_matmul_contracts():
+    """A model fed [batch, tokens, width] embeddings too large for a full joint prior: the prior goes on the width
+    axis the first MatMul contracts (not the token axis), so the layers after it get data-free moments."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 64, 48])
+    hidden = b.op("Relu", [b.op("MatMul", [x, b.w(48, 32)])])
+    found = estimate_moments(Graph(b.model(b.op("MatMul", [hidden, b.w(32, 8)]))), [(hidden, 2)])
+    mean, second = found[(hidden, 2)]
+    assert mean.shape == (32,) and second.shape == (32, 32) and np.all(mean > 0)  # rectified: positive means
+
+
+def test_a_fused_projection_split_into_parts_keeps_each_part_s_moments():
+    """GPT-2-style fused QKV: one MatMul, then Split; each part's data-free moments are its slice of the whole."""
+    b = GraphBuilder(seed=4)
+    x = b.input("x", [1, 16, 32])
+    qkv = b.op("MatMul", [x, b.w(32, 96)])
+    q, k, v = b.op("Split", [qkv, b.ints(24, 32, 40)], outputs=3, axis=2)
+    outputs = [b.op("MatMul", [b.op("Relu", [part]), b.w(width, 4)]) for part, width in ((q, 24), (k, 32), (v, 40))]
+    found = estimate_moments(Graph(b.model(*outputs)), [(qkv, 2), (q, 2), (v, 2)])
+    mean, second = found[(qkv, 2)]
+    np.testing.assert_allclose(found[(q, 2)][0], mean[:24])
+    np.testing.assert_allclose(found[(v, 2)][0], mean[56:])
+    np.testing.assert_allclose(found[(v, 2)][1], second[56:, 56:])
