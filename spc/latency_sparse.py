@@ -132,25 +132,23 @@ class BlockPricer:
 
     def __call__(self, layer: Layer, density: float, removed: np.ndarray) -> float | None:
         from .passes.block_obs import block_cost
-        from .weights import loaded
 
         linear = self.linear.get(layer.weight)
-        found = self.scorer.moment_table.get((linear.input, linear.input_axis)) if linear is not None else None
-        if found is None:
+        if linear is None:
             return None
         keep_in = ~removed[self.analysis.dim_labels((linear.weight, linear.weight_in_axis))]
         keep_out = ~removed[self.analysis.dim_labels((linear.weight, linear.weight_out_axis))]
         key = (layer.weight, density, keep_in.tobytes(), keep_out.tobytes())
         if key not in self.cache:
+            second = _kept_second_moment(self.analysis, self.scorer.moment_table, linear, removed)
+            if second is None:
+                self.cache[key] = None
+                return None
             w = np.asarray(self.analysis.graph.weight(layer.weight), dtype=np.float64)
             w = np.moveaxis(w, (linear.weight_out_axis, linear.weight_in_axis), (0, 1))[keep_out][:, keep_in]
-            second = loaded(found[1])
-            if second.shape[0] != keep_in.size:
-                return None
             rows = self._row_weights(linear, keep_out.size)[keep_out]
             taps = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
-            self.cache[key] = block_cost(w.reshape(w.shape[0], -1), 1.0 - density, BLOCK,
-                                         second[np.ix_(keep_in, keep_in)], taps, rows)
+            self.cache[key] = block_cost(w.reshape(w.shape[0], -1), 1.0 - density, BLOCK, second, taps, rows)
         return self.cache[key]
 
 
@@ -220,18 +218,24 @@ def compensate_blocks(analysis: Analysis, scorer, plan: Plan, pruned, sparsity: 
     then finds those blocks zeroed. Without moments (magnitude criteria) a layer is left to compile_model's
     magnitude zeroing."""
     from .passes.block_obs import compensated_sparsity
-    from .weights import loaded
 
     table = getattr(scorer, "moment_table", None) or {}
     layers = {layer.weight: layer for layer in analysis.layers}
 
     def hessian_of(node):
         layer = layers.get(node.input[1])
-        found = table.get((layer.input, layer.input_axis)) if layer is not None else None
-        if found is None:
-            return None
-        kept = ~plan.removed[analysis.dim_labels((layer.weight, layer.weight_in_axis))]
-        second = loaded(found[1])
-        return second[np.ix_(kept, kept)] if second.shape[0] == kept.size else None
+        return _kept_second_moment(analysis, table, layer, plan.removed) if layer is not None else None
 
     return compensated_sparsity(pruned, sparsity, hessian_of)
+
+
+def _kept_second_moment(analysis: Analysis, table, linear, removed: np.ndarray) -> np.ndarray | None:
+    """``E[x x^T]`` of ``linear``'s input over the input channels that ``removed`` leaves, or None without one."""
+    from .weights import loaded
+
+    found = table.get((linear.input, linear.input_axis))
+    if found is None:
+        return None
+    kept = ~removed[analysis.dim_labels((linear.weight, linear.weight_in_axis))]
+    second = loaded(found[1])
+    return second[np.ix_(kept, kept)] if second.shape[0] == kept.size else None
