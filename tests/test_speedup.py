@@ -544,3 +544,33 @@ def test_search_times_the_closest_attempts_again_before_choosing(monkeypatch):
     assert len(state.iterations) == 4 and best["index"] == 1
     assert best["record"]["confirmed_speedup"] == 1.95 and "confirmed_speedup" in state.iterations[0]
     assert "confirmed_speedup" not in state.iterations[2]  # not a finalist: not timed again
+
+
+def test_next_goal_uses_the_recalibrated_prediction_of_earlier_plans(monkeypatch):
+    """A dense model first timed in a slow period makes the first plan overshoot; once the dense time is corrected,
+    that plan's predicted speed-up, not the goal it was asked for, is what its measurement is set against."""
+    from types import SimpleNamespace
+
+    from spc import speedup
+
+    state = speedup._Search.__new__(speedup._Search)
+    state.measurer, state.dense, state.say, state.iterations, state.base = None, None, lambda _m: None, [], 1.0
+    seconds = {"first": 0.25, "second": 0.45}  # predicted seconds of each plan
+    state.latency = SimpleNamespace(set_densities=lambda _d: None, predict=lambda removed: seconds[removed])
+    measured = {"first": 3.6, "second": 2.0}
+
+    def recalibrate():
+        state.base = 0.85  # the dense model is faster than first timed: every plan's predicted speed-up falls
+
+    def attempt(goal):
+        name = "first" if not state.iterations else "second"
+        record = {"goal": goal, "measured_speedup": measured[name]}
+        state.iterations.append(record)
+        return {"record": record, "index": len(state.iterations) - 1, "runner": name,
+                "plan": SimpleNamespace(removed=name), "densities": {}}
+
+    state._recalibrate, state.attempt = recalibrate, attempt
+    monkeypatch.setattr(speedup, "_interleaved", lambda _m, _d, runner, rounds: (1.0, 1.0, measured[runner]))
+    best = state.search(2.0, refine=3, tolerance=0.05)
+    assert [round(it["goal"], 3) for it in state.iterations] == [2.0, round(0.85 / 0.25 * 2.0 / 3.6, 3)]
+    assert best["index"] == 1
