@@ -221,6 +221,7 @@ class _Search:
         self.say = say
         self.iterations: list[dict] = []
         self.pricer = BlockPricer(analysis, scorer) if BlockPricer.applies(scorer) else None
+        self.planned: list = []  # (plan, densities) of every attempt so far
         self.base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
 
     def attempt(self, goal: float) -> dict:
@@ -228,6 +229,11 @@ class _Search:
                                     normalize=self.scorer.normalize, costs=getattr(self.scorer, "costs", None),
                                     pricer=self.pricer)
         plan, sparsity = choice.plan, _sparsity_map(self.latency, choice.densities)
+        if any(np.array_equal(plan.removed, seen.removed) and densities == choice.densities
+               for seen, densities in self.planned):
+            self.latency.set_densities({})
+            return None  # the widths' rounding gives this goal the plan of an earlier attempt: nothing new to time
+        self.planned.append((plan, dict(choice.densities)))
         pruned = apply_removal(self.analysis, plan.removed)
         compensate = getattr(self.scorer, "compensate", None)
         if compensate is not None:
@@ -251,7 +257,8 @@ class _Search:
                 "densities": choice.densities, "sparsity": sparsity, "runner": runner}
 
     def search(self, speedup: float, refine: int, tolerance: float) -> dict:
-        """Attempts until one measures within ``tolerance`` of ``speedup``; then the two closest attempts are timed
+        """Attempts until one measures within ``tolerance`` of ``speedup`` (or a goal gives an earlier attempt's
+        plan again: the rounded widths have no plan in between); then the two closest attempts are timed
         again (CONFIRM_ROUNDS paired rounds) and the closer one on that measurement is chosen and reported, so
         that one lucky measurement does not pick the plan."""
         goal, finalists, attempts = speedup, [], []
@@ -261,6 +268,9 @@ class _Search:
 
         for _ in range(refine + 1):
             current = self.attempt(goal)
+            if current is None:
+                self.say(f"a goal of {goal:.3f}x gives the plan of an earlier attempt: no closer plan at this rounding")
+                break
             attempts.append(current)
             measured = current["record"]["measured_speedup"]
             finalists = sorted(finalists + [current], key=miss)[:2]

@@ -574,3 +574,26 @@ def test_next_goal_uses_the_recalibrated_prediction_of_earlier_plans(monkeypatch
     best = state.search(2.0, refine=3, tolerance=0.05)
     assert [round(it["goal"], 3) for it in state.iterations] == [2.0, round(0.85 / 0.25 * 2.0 / 3.6, 3)]
     assert best["index"] == 1
+
+
+def test_search_stops_when_a_goal_gives_an_earlier_plan_again(monkeypatch):
+    """Rounded widths make plans jump: when the next goal plans what was already timed, refining is over."""
+    from spc import speedup
+
+    state = speedup._Search.__new__(speedup._Search)
+    state.measurer, state.dense, state.say, state.iterations = None, None, lambda _m: None, []
+    state._recalibrate = lambda: None
+    calls = []
+
+    def attempt(goal):
+        calls.append(goal)
+        if len(calls) > 1:
+            return None  # the same plan as the first attempt
+        record = {"goal": goal, "measured_speedup": 2.3}
+        state.iterations.append(record)
+        return {"record": record, "index": 0, "runner": 0}
+
+    state.attempt = attempt
+    monkeypatch.setattr(speedup, "_interleaved", lambda _m, _d, runner, rounds: (1.0, 1.0, 2.25))
+    best = state.search(2.0, refine=3, tolerance=0.05)
+    assert len(calls) == 2 and best["index"] == 0 and best["record"]["confirmed_speedup"] == 2.25
