@@ -26,8 +26,10 @@ import numpy as np
 from onnx import numpy_helper
 from scipy.linalg import cho_factor, cho_solve, cholesky
 
+from spc.graph import node_attr
+
 from .obs_algebra import spd_inverse
-from .sparsify import _attr, _out_in_view, block_mask
+from .sparsify import _out_in_view, block_mask
 
 LAZY_COLUMNS = 128
 EXACT_MAX = 2048  # inputs up to which each block row is re-fitted exactly (a solve of its removed weights)
@@ -126,7 +128,7 @@ def compensated_sparsity(model, fractions: dict[str, float], hessian_of, block: 
         name = node.input[1] if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 else None
         if name not in fractions or name not in inits or name in done or fractions[name] <= 0:
             continue
-        if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        if node.op_type == "Conv" and node_attr(node, "group", 1) != 1:
             continue
         weight = numpy_helper.to_array(inits[name])
         view = _out_in_view(node, weight)

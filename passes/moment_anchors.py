@@ -29,7 +29,8 @@ layers alone, the same plan reaches 0.86 at 1.25x).
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+
+from spc.graph import node_attr
 
 RIDGE = 1e-3  # relative damping of both least-squares fits
 MAX_WIDTH = 2048  # the variance fit solves an outputs x outputs system and projects an inputs x inputs matrix
@@ -54,10 +55,6 @@ def anchor_of(graph, node, tensor: str, const):
     return w_mean, w_var, bias, running_mean, running_var
 
 
-def _attr(node, name, default):
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else helper.get_attribute_value(found)
-
 
 def _linear_weights(graph, node, const):
     """(W [O, I] for the mean, W for the variance or None, bias [O]) of a 1x1 Conv/Gemm/2-D MatMul."""
@@ -67,19 +64,19 @@ def _linear_weights(graph, node, const):
         return None
     bias_name = node.input[2] if len(node.input) > 2 else ""
     if op == "Conv":
-        if int(_attr(node, "group", 1)) != 1 or w.ndim < 3 or w[0, 0].size != 1:
+        if int(node_attr(node, "group", 1)) != 1 or w.ndim < 3 or w[0, 0].size != 1:
             return None  # k x k kernels: zero padding makes the border's mean differ from W_sum m (small maps)
         matrix = w.reshape(w.shape[0], w.shape[1])
         bias = const(bias_name) if bias_name else None
         return matrix, matrix, _bias(bias, matrix.shape[0])
     if op == "Gemm":
-        if int(_attr(node, "transA", 0)) or w.ndim != 2:
+        if int(node_attr(node, "transA", 0)) or w.ndim != 2:
             return None
-        matrix = (w if int(_attr(node, "transB", 0)) else w.T) * float(_attr(node, "alpha", 1.0))
+        matrix = (w if int(node_attr(node, "transB", 0)) else w.T) * float(node_attr(node, "alpha", 1.0))
         c = const(bias_name) if bias_name else None
         if c is not None and c.size not in (1, matrix.shape[0]):
             return None
-        bias = None if c is None else float(_attr(node, "beta", 1.0)) * c.reshape(-1)
+        bias = None if c is None else float(node_attr(node, "beta", 1.0)) * c.reshape(-1)
         return matrix, matrix, _bias(bias, matrix.shape[0])
     if op == "MatMul" and w.ndim == 2 and len(graph.shape(node.input[0]) or ()) == 2:
         return w.T, w.T, np.zeros(w.shape[1])

@@ -74,10 +74,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import helper
 from scipy.special import erf
 
-from spc.graph import Graph
+from spc.graph import Graph, node_attr
 from spc.weights import SPOOL, Spilled
 
 from .moment_anchors import anchored
@@ -282,12 +281,6 @@ def _corr(cov: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- elementwise
-def _attr(node, name, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
 
 def _sigmoid(v):
     return 0.5 * (1.0 + np.tanh(0.5 * v))
@@ -300,11 +293,11 @@ def _unary(node, v: np.ndarray, const) -> np.ndarray | None:
     if op == "Relu":
         return np.maximum(v, 0.0)
     if op == "LeakyRelu":
-        alpha = _attr(node, "alpha", 0.01)
+        alpha = node_attr(node, "alpha", 0.01)
         return np.where(v > 0, v, alpha * v)
     if op == "Clip":
-        lo = const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
-        hi = const(node.input[2]) if len(node.input) > 2 and node.input[2] else _attr(node, "max")
+        lo = const(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "min")
+        hi = const(node.input[2]) if len(node.input) > 2 and node.input[2] else node_attr(node, "max")
         if (len(node.input) > 1 and node.input[1] and lo is None) or (len(node.input) > 2 and node.input[2]
                                                                        and hi is None):
             return None
@@ -333,18 +326,19 @@ def _unary(node, v: np.ndarray, const) -> np.ndarray | None:
     if op == "Softplus":
         return np.logaddexp(0.0, v)
     if op == "Elu":
-        alpha = _attr(node, "alpha", 1.0)
+        alpha = node_attr(node, "alpha", 1.0)
         return np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
     if op == "Selu":
-        alpha, gamma = _attr(node, "alpha", 1.67326319217681884765625), _attr(node, "gamma", 1.05070102214813232421875)
+        alpha = node_attr(node, "alpha", 1.67326319217681884765625)
+        gamma = node_attr(node, "gamma", 1.05070102214813232421875)
         return gamma * np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
     if op == "HardSigmoid":
-        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        alpha, beta = node_attr(node, "alpha", 0.2), node_attr(node, "beta", 0.5)
         return np.clip(alpha * v + beta, 0.0, 1.0)
     if op == "HardSwish":
         return v * np.clip(v / 6.0 + 0.5, 0.0, 1.0)
     if op == "Gelu":
-        if _attr(node, "approximate", b"none") in (b"tanh", "tanh"):
+        if node_attr(node, "approximate", "none") == "tanh":
             return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
         return 0.5 * v * (1.0 + erf(v / np.sqrt(2.0)))
     if op == "Mish":
@@ -586,7 +580,7 @@ class Propagator:
             if node.op_type == "MatMul" and node.input[0] == name:
                 return rank - 1
             if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
-                return int(_attr(node, "axis", -1)) % rank
+                return int(node_attr(node, "axis", -1)) % rank
         return 1
 
     def get(self, name: str):
@@ -648,7 +642,7 @@ class Propagator:
             return None
         x = marginal(x, (1,))
         b = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        groups = int(_attr(node, "group", 1))
+        groups = int(node_attr(node, "group", 1))
         out_ch, per_in = w.shape[0], w.shape[1]
         taps = int(np.prod(w.shape[2:], dtype=np.int64))
         rho = self.options.spatial
@@ -711,11 +705,11 @@ class Propagator:
         a, b = node.input[0], node.input[1]
         wb = self.graph.weight(b)  # in its own precision: _linear converts it a block at a time
         x = self.gauss(a)
-        if wb is None or x is None or int(_attr(node, "transA", 0)) or 1 not in x.axes:
+        if wb is None or x is None or int(node_attr(node, "transA", 0)) or 1 not in x.axes:
             return None
         x = marginal(x, (1,))
-        w = wb.T if int(_attr(node, "transB", 0)) else wb
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        w = wb.T if int(node_attr(node, "transB", 0)) else wb
+        alpha, beta = float(node_attr(node, "alpha", 1.0)), float(node_attr(node, "beta", 1.0))
         c = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         bias = None
         if c is not None:
@@ -748,7 +742,7 @@ class Propagator:
         scale, bias, mean, var = (self.const(n) for n in node.input[1:5])
         if any(v is None for v in (scale, bias, mean, var)):
             return None
-        eps = float(_attr(node, "epsilon", 1e-5))
+        eps = float(node_attr(node, "epsilon", 1e-5))
         x = self.gauss(node.input[0])
         x = marginal(x, (1,)) if x is not None and 1 in x.axes else None
         gain = scale**2 / (var + eps)
@@ -778,7 +772,7 @@ class Propagator:
         if shape is None:
             return None
         rank = len(shape)
-        axis = int(_attr(node, "axis", -1))
+        axis = int(node_attr(node, "axis", -1))
         axis = axis + rank if axis < 0 else axis
         if axis != rank - 1:
             return None
@@ -787,7 +781,7 @@ class Propagator:
         bias = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         scale = np.ones(n) if scale is None else np.broadcast_to(scale.reshape(-1), (n,))
         bias = np.zeros(n) if bias is None else np.broadcast_to(bias.reshape(-1), (n,))
-        eps = float(_attr(node, "epsilon", 1e-5))
+        eps = float(node_attr(node, "epsilon", 1e-5))
         x = self.gauss(node.input[0])
         x = marginal(x, (axis,)) if x is not None and axis in x.axes else None
         if x is None:
@@ -908,7 +902,7 @@ class Propagator:
                 name = next(i for i, c in zip(node.input, consts) if c is None)
                 continue
             if op == "ReduceMean":
-                axes = _attr(node, "axes")
+                axes = node_attr(node, "axes")
                 axes = axes if axes is not None or len(node.input) < 2 else consts[1]
                 if axes is None or [int(v) % rank for v in np.asarray(axes).reshape(-1)] != [rank - 1]:
                     return None
@@ -998,7 +992,7 @@ class Propagator:
         shape = self.shape(node.input[0])
         if state is None or shape is None:
             return None
-        perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+        perm = node_attr(node, "perm") or list(reversed(range(len(shape))))
         new_axes = [perm.index(a) for a in state.axes]
         order = np.argsort(new_axes)
         sizes = tuple(state.sizes[i] for i in order)
@@ -1021,7 +1015,7 @@ class Propagator:
         shape = self.shape(node.input[0])
         if state is None or shape is None:
             return None
-        axes = _attr(node, "axes")
+        axes = node_attr(node, "axes")
         if axes is None and len(node.input) > 1:
             axes = self.const(node.input[1])
         if axes is None:
@@ -1033,13 +1027,13 @@ class Propagator:
         state = marginal(state, keep)
         factor = self.options.pool_sensitivity
         self._back(node, lambda s, xn=node.input[0], ax=state.axes, sz=state.sizes: [(xn, ax, sz, s * factor)])
-        if not int(_attr(node, "keepdims", 1)):
+        if not int(node_attr(node, "keepdims", 1)):
             keep = tuple(a - sum(1 for r in axes if r < a) for a in keep)
         return Gauss(keep, state.sizes, state.mean, state.cov * self.options.pool_cov)
 
     def _gather(self, node):
         table = self.const(node.input[0])
-        axis = int(_attr(node, "axis", 0))
+        axis = int(node_attr(node, "axis", 0))
         if table is None or axis != 0 or table.ndim != 2:
             return None
         index = self.graph.weight(node.input[1]) if node.input[1] else None
@@ -1058,10 +1052,10 @@ class Propagator:
         count = len(node.output)
         if state is None or shape is None:
             return [None] * count
-        axis = int(_attr(node, "axis", 0)) % len(shape)
+        axis = int(node_attr(node, "axis", 0)) % len(shape)
         if axis not in state.axes:
             return [None] * count
-        given = self.graph.weight(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
+        given = self.graph.weight(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "split")
         if given is not None:
             sizes = [int(v) for v in np.asarray(given).reshape(-1)]
         else:  # equal parts, the last one smaller if it must be (opset 18)
@@ -1080,7 +1074,7 @@ class Propagator:
         return outputs
 
     def _concat(self, node):
-        axis = int(_attr(node, "axis", 0))
+        axis = int(node_attr(node, "axis", 0))
         out = self.shape(node.output[0])
         if out is None:
             return None

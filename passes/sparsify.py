@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from onnx import numpy_helper
 
+from spc.graph import node_attr
+
 DEFAULT_MIN_SIZE = 4096  # weights with fewer elements stay dense: their kernels are too small to profit
 
 
@@ -68,16 +70,6 @@ class SparsifyReport:
         }
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            if a.type == a.INT:
-                return a.i
-            if a.type == a.INTS:
-                return list(a.ints)
-    return default
-
-
 def _out_in_view(node, w: np.ndarray):
     """(view [out, in], inverse function back to the stored layout) or None when the layer is not supported."""
     if node.op_type == "MatMul":
@@ -87,7 +79,7 @@ def _out_in_view(node, w: np.ndarray):
     if node.op_type == "Gemm":
         if w.ndim != 2:
             return None
-        if _attr(node, "transB", 0):
+        if node_attr(node, "transB", 0):
             return w, lambda v: v
         return w.T, lambda v: np.ascontiguousarray(v.T)
     if node.op_type == "Conv":
@@ -176,7 +168,7 @@ def sparsify(
             rec.skipped = "unsupported weight rank"
         elif w.dtype not in (np.float32, np.float64, np.float16):
             rec.skipped = f"dtype {w.dtype}"
-        elif node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        elif node.op_type == "Conv" and node_attr(node, "group", 1) != 1:
             rec.skipped = "grouped convolution"
         elif w.size < min_size:
             rec.skipped = f"smaller than min_size={min_size}"

@@ -27,6 +27,15 @@ FLOAT_TYPES = {
 }
 
 
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's value (ints, floats, lists; strings decoded), or ``default`` when the node has none."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            value = onnx.helper.get_attribute_value(attribute)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes from ONNX Runtime's symbolic shape inference, which keeps dynamic axes named through masks,
     Expand and Reshape chains (onnx's own inference invents a new 'unk__' symbol at each of them), falling back to

@@ -9,14 +9,9 @@ import numpy as np
 
 from .analysis import Analysis
 from .cost import CostModel
+from .graph import node_attr
 from .latency_plan import Layer, lowest_removal
 
-
-def _attr(node, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return list(attr.ints) if attr.ints else (attr.i if attr.type == attr.INT else attr.s.decode())
-    return default
 
 
 def _concrete(shape, dim_values: dict[str, int]) -> tuple[int, ...] | None:
@@ -28,15 +23,16 @@ def _concrete(shape, dim_values: dict[str, int]) -> tuple[int, ...] | None:
 def _conv(node, graph, x, w):
     from .targets.measure import LayerSpec
 
-    if len(x) != 4 or len(w) != 4 or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", ""):
+    if len(x) != 4 or len(w) != 4 or node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None
-    group = int(_attr(node, "group", 1))
+    group = int(node_attr(node, "group", 1))
     depthwise = group > 1 and group == x[1] and w[1] == 1
     if group != 1 and not depthwise:
         return None
     spec = LayerSpec("conv", rows=x[0], height=x[2], width=x[3], kernel=(w[2], w[3]),
-                     stride=tuple(_attr(node, "strides", [1, 1])), pads=tuple(_attr(node, "pads", [0, 0, 0, 0])),
-                     dilation=tuple(_attr(node, "dilations", [1, 1])), depthwise=depthwise,
+                     stride=tuple(node_attr(node, "strides", [1, 1])),
+                     pads=tuple(node_attr(node, "pads", [0, 0, 0, 0])),
+                     dilation=tuple(node_attr(node, "dilations", [1, 1])), depthwise=depthwise,
                      bias=len(node.input) > 2 and bool(node.input[2]))
     out_hw = spec.out_hw()
     return spec, x[0] * out_hw[0] * out_hw[1], False
@@ -48,10 +44,10 @@ def _matmul(node, graph, x, w):
     if len(w) != 2 or len(x) < 2:
         return None
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0):
+        if node_attr(node, "transA", 0):
             return None
         spec = LayerSpec("matmul", rows=x[0], bias=len(node.input) > 2 and bool(node.input[2]))
-        return spec, x[0], bool(_attr(node, "transB", 0))
+        return spec, x[0], bool(node_attr(node, "transB", 0))
     rows = int(np.prod(x[:-1]))
     return LayerSpec("matmul", rows=rows), rows, False
 
