@@ -10,8 +10,8 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
     python bench/bench_targets.py --models ffn --rounds 30
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
-heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), and a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1).
+heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
+channels, 56x56 input, batch 1), and the trained digits CNN of models/ at batch 1 and 8 (`digits`, `digits8`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="threads for both TVM and ONNX Runtime (default 1)")
-    p.add_argument("--models", default="ffn,encoder,cnn")
+    p.add_argument("--models", default="ffn,encoder,cnn,digits,digits8")
     p.add_argument("--sparsities", default="0.7,0.8,0.9")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over rounds)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round")
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     # TVM's thread pool reads TVM_NUM_THREADS once, before the first parallel region: set it before importing TVM.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(ROOT))
+    import onnx
     import onnxruntime as ort
 
     from spc.targets import compile_model, load_bundle, testing
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
             lambda: testing.cnn(channels=64, size=56, batch=1),
             {"input": [1, 3, 56, 56]},
         ),
+        # the trained ResNet-style CNN of models/ (8x8 digits, 32/64 channels, explicit BatchNorms): small
+        # convolutions, where per-call overheads and BatchNorm glue weigh most
+        "digits": ("digits CNN (models/digits_cnn.onnx), batch 1", lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
+                   {"image": [1, 1, 8, 8]}),
+        "digits8": ("digits CNN (models/digits_cnn.onnx), batch 8", lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
+                    {"image": [8, 1, 8, 8]}),
     }
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     results = {"threads": args.threads, "rounds": args.rounds, "models": {}}
@@ -74,8 +81,10 @@ def main(argv=None) -> int:
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
         rng = np.random.default_rng(0)
-        in_shape = shapes["input"] if shapes else [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-        x = {"input": rng.standard_normal(in_shape).astype(np.float32)}
+        in_name = model.graph.input[0].name
+        in_shape = shapes[in_name] if shapes else [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        x = {in_name: rng.standard_normal(in_shape).astype(np.float32)}
+        out_name = model.graph.output[0].name
         ort_dense = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         variants["ORT dense"] = (lambda s=ort_dense: s.run(None, x), 0.0, None)
         for sp in [0.0] + sparsities:
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
             bundle = load_bundle(out)
             ref_sess = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
             ref = ref_sess.run(None, x)[0]
-            got = bundle.run(x)["output"]
+            got = bundle.run(x)[out_name]
             err = float(np.abs(got - ref).max())
             kernels = [layer["kernel"] for layer in manifest["layers"]]
             print(

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import SpcError
+from .fold import fold_batchnorm
 from .registry import TargetSpec, get_target
 
 FORMAT = "spc-bundle/1"
@@ -239,7 +240,10 @@ def compile_model(
                 )
 
     say(f"importing into TVM Relax ({spec.name}: {spec.description})")
-    mod = _import(model, spec)
+    folded_model, n_folded = fold_batchnorm(model)  # the bundle keeps `model`; code is generated from this
+    if n_folded:
+        say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
+    mod = _import(folded_model, spec)
     records = []
     if spec.is_cpu:
         from .lower import Lowering, cpu_pipeline, index_onnx_weights, rewrite
@@ -247,7 +251,7 @@ def compile_model(
         lowering = Lowering(
             spec,
             block=block,
-            weight_index=index_onnx_weights(model),
+            weight_index=index_onnx_weights(folded_model),
             sparse=spec.sparse_kernels,
             force=kernel,
             force_layers=force_layers,
@@ -263,7 +267,7 @@ def compile_model(
     else:
         from .lower import describe, index_onnx_weights
 
-        records = describe(mod, index_onnx_weights(model), "TVM's default (dlight) schedule for this target")
+        records = describe(mod, index_onnx_weights(folded_model), "TVM's default (dlight) schedule for this target")
         pipeline = "default"
 
     import tvm

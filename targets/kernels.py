@@ -61,6 +61,16 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+PARALLEL_MIN_MACS = 1 << 22  # below this a launch on the thread pool costs more than it saves (measured on 2 cores)
+PARALLEL_MIN_COPY = 1 << 18  # likewise for a copy (im2col, transposes), in elements
+
+
+def _loop(work: int | None, threshold: int = PARALLEL_MIN_MACS) -> str:
+    """``T.parallel`` for a loop nest doing ``work`` (None: unknown, symbolic sizes), else a serial loop: a small
+    model's kernels take a few microseconds each, which waking the thread pool for every one of them doubled."""
+    return "T.parallel" if work is None or work >= threshold else "T.serial"
+
+
 class _Src:
     """Indented TVMScript source builder."""
 
@@ -273,7 +283,7 @@ def dense_matmul(
     if bias is not None:
         a(1, f'B = T.match_buffer(b, ({n_dim},), "float32")')
     a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
-    a(1, f"for t in T.parallel({np_} * {mt}):")
+    a(1, f"for t in {_loop(m_static * k_dim * n_dim if m_static is not None else None)}({np_} * {mt}):")
     panel = f"(t // {mt})"
     tile = f"(t % {mt})"
 
@@ -322,8 +332,8 @@ def dense_matmul(
     return Kernel(name, _parse(src, name), consts, src)
 
 
-def _choose_mr(params: CpuKernelParams, m_static: int | None) -> int:
-    mr = params.mr
+def _choose_mr(params: CpuKernelParams, m_static: int | None, mr: int | None = None) -> int:
+    mr = mr or params.mr
     if m_static is None or m_static % mr == 0:
         return mr
     # A static row count: prefer a tile height that divides it (no tail) if one is at least two thirds of mr.
@@ -509,7 +519,7 @@ def bsr_matmul(
         a(1, f'XT = T.alloc_buffer(({kp * mp},), "float32")')
     else:
         a(1, f'XT = T.alloc_buffer(({kp}, {mtv} * {vt}), "float32")')
-    a(1, f"for tt in T.parallel({mtv}):")
+    a(1, f"for tt in {_loop(kp * m_static if m_static is not None else None, PARALLEL_MIN_COPY)}({mtv}):")
     a(2, f"for kk in range({kp}):")
     a(3, f"for v in T.vectorized({vt}):")
     dst = f"XT[kk * {mp} + tt * {vt} + v]" if flat else f"XT[kk, tt * {vt} + v]"
@@ -525,7 +535,8 @@ def bsr_matmul(
     else:
         n_full = n_tail = None
         n_tiles = f"({m} // {vt} + ({m} % {vt} + {chunk - 1}) // {chunk})"
-    a(1, f"for t in T.parallel({nbr} * {n_tiles}):")
+    work = bsr.nnz * br * bc * m_static if m_static is not None else None
+    a(1, f"for t in {_loop(work)}({nbr} * {n_tiles}):")
     if TILE_MAJOR:
         block_row = f"(t % {nbr})"
         tile = f"(t // {nbr})"
@@ -657,19 +668,29 @@ def pack_conv_weight(w_out_in: np.ndarray, mr: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(cot, mr, k).transpose(0, 2, 1))
 
 
-def _im2col(a: _Src, g: ConvGeom, tile: int, ind: int = 2, flat: bool = False) -> None:
-    """XC[k, p] for image n (loop variable ``n``), pixels padded to a multiple of ``tile`` with zeros.
+FOLD_BATCH_BYTES = 4 << 20  # im2col buffer of a chunk of images: small convolutions run all images in one launch
+
+
+def _im2col(a: _Src, g: ConvGeom, tile: int, images: int, ind: int = 2, flat: bool = False) -> None:
+    """XC[slot, k, p] for the ``images`` images of chunk ``nc`` (image ``nc * images + slot``), pixels padded to a
+    multiple of ``tile`` with zeros; one parallel loop over (image, input channel).
 
     The valid output-column range of each kernel column is computed here (static geometry), so the copy loops have
     no per-element bounds checks (contiguous, vectorisable copies for stride 1)."""
     pp = _ceil(g.pixels, tile) * tile
+    loop = _loop(images * g.k * pp, PARALLEL_MIN_COPY)
 
     def xc(k: str, p: str) -> str:
-        return f"XC[({k}) * {pp} + {p}]" if flat else f"XC[{k}, {p}]"
+        return f"XC[{slot} * {g.k * pp} + ({k}) * {pp} + {p}]" if flat else f"XC[{slot}, {k}, {p}]"
     sh, sw = g.stride
     dh, dw = g.dilation
     pt, pl = g.pad[0], g.pad[1]
-    a(ind, f"for ci in T.parallel({g.c_in}):")
+    if images > 1:
+        a(ind, f"for q in {loop}({images * g.c_in}):")
+        slot, ci, n = f"(q // {g.c_in})", f"(q % {g.c_in})", f"(nc * {images} + q // {g.c_in})"
+    else:
+        a(ind, f"for ci in {loop}({g.c_in}):")
+        slot, ci, n = "0", "ci", "nc"
     a(ind + 1, f"for khi in range({g.kh}):")
     for kwi in range(g.kw):
         off = kwi * dw - pl  # iw = ow * sw + off
@@ -680,7 +701,7 @@ def _im2col(a: _Src, g: ConvGeom, tile: int, ind: int = 2, flat: bool = False) -
         while hi > lo and (hi - 1) * sw + off > g.w - 1:
             hi -= 1
         hi = max(hi, lo)
-        kk = f"ci * {g.kh * g.kw} + khi * {g.kw} + {kwi}"
+        kk = f"{ci} * {g.kh * g.kw} + khi * {g.kw} + {kwi}"
         ih = f"oh * {sh} + khi * {dh} - {pt}"
         a(ind + 2, f"for oh in range({g.oh}):")
         a(ind + 3, f"if {ih} >= 0 and {ih} < {g.h}:")
@@ -689,7 +710,7 @@ def _im2col(a: _Src, g: ConvGeom, tile: int, ind: int = 2, flat: bool = False) -
             a(ind + 5, f"{xc(kk, f'oh * {g.ow} + ow')} = T.float32(0)")
         if hi > lo:
             a(ind + 4, f"for ow in range({hi - lo}):")
-            a(ind + 5, f"{xc(kk, f'oh * {g.ow} + {lo} + ow')} = X[n, ci, {ih}, (ow + {lo}) * {sw} + {off}]")
+            a(ind + 5, f"{xc(kk, f'oh * {g.ow} + {lo} + ow')} = X[{n}, {ci}, {ih}, (ow + {lo}) * {sw} + {off}]")
         if hi < g.ow:
             a(ind + 4, f"for ow in range({g.ow - hi}):")
             a(ind + 5, f"{xc(kk, f'oh * {g.ow} + {hi} + ow')} = T.float32(0)")
@@ -697,21 +718,34 @@ def _im2col(a: _Src, g: ConvGeom, tile: int, ind: int = 2, flat: bool = False) -
         a(ind + 4, f"for ow in range({g.ow}):")
         a(ind + 5, f"{xc(kk, f'oh * {g.ow} + ow')} = T.float32(0)")
         if pp > g.pixels:
-            a(ind + 2, f"for q in range({pp - g.pixels}):")
-            a(ind + 3, f"{xc(kk, f'{g.pixels} + q')} = T.float32(0)")
+            a(ind + 2, f"for q2 in range({pp - g.pixels}):")
+            a(ind + 3, f"{xc(kk, f'{g.pixels} + q2')} = T.float32(0)")
 
 
 def _conv_tile(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
-    """Pixels per tile: dense uses nr; BSR the widest of (full BSR tile, 4 vectors, 2 vectors) dividing the pixel
+    """Pixels per tile. Dense: nr, or one vector when an image has fewer pixels than nr (a 4x4 map in a 32-wide
+    tile wastes half of every FMA). BSR: the widest of (full BSR tile, 4 vectors, 2 vectors) dividing the pixel
     count (no tail tile), else the full BSR tile."""
     if block is None:
-        return params.nr
+        return params.lanes if g.pixels < params.nr else params.nr
     full = params.bsr_tile(block[0])
     chunk = params.bsr_chunk(block[0])
     for cand in (full, 4 * params.lanes, 2 * params.lanes):
         if cand <= full and cand % chunk == 0 and g.pixels % cand == 0:
             return cand
     return full
+
+
+def _images_per_launch(g: ConvGeom, n_static: int | None, pp: int, direct: bool) -> int:
+    """Images computed by one pair of parallel loops: the largest divisor of a static batch whose im2col buffer
+    stays under FOLD_BATCH_BYTES (small feature maps: one launch instead of two per image); 1 for a symbolic batch."""
+    if n_static is None or n_static <= 1:
+        return 1
+    per_image = 0 if direct else g.k * pp * 4
+    for images in range(n_static, 0, -1):
+        if n_static % images == 0 and images * per_image <= FOLD_BATCH_BYTES:
+            return images
+    return 1
 
 
 def conv2d_takes_flat_input(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> bool:
@@ -746,17 +780,18 @@ def conv2d(
 
     The output is flat over pixels ([N, Co, OH*OW]); for a direct (1x1, stride 1, unpadded) convolution whose
     pixel count fills whole tiles the input is flat too ([N, Ci, H*W]), otherwise it is [N, Ci, H, W]. The
-    caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which.
+    caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which. Images go in chunks (all of a
+    static batch when their im2col is small): one parallel im2col and one parallel product per chunk.
     """
     sparse = bsr is not None
+    tile_w = _conv_tile(g, params, bsr.block if sparse else None)
     if sparse:
         br, bc = bsr.block
-        tile_w = _conv_tile(g, params, bsr.block)
         rows = br
         n_row_tiles = _ceil(g.c_out, br)
     else:
-        tile_w = params.nr
-        rows = _choose_mr(params, g.c_out)
+        # a narrower pixel tile gets more output rows: the same number of accumulator registers
+        rows = min(g.c_out, _choose_mr(params, g.c_out, params.mr * (params.nr // tile_w)))
         n_row_tiles = _ceil(g.c_out, rows)
     p = g.pixels
     n_ptiles = _ceil(p, tile_w)
@@ -769,6 +804,7 @@ def conv2d(
         args = ["x: T.handle", "w: T.handle"]
     args += (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
     use_direct = g.direct and p % tile_w == 0
+    images = _images_per_launch(g, n_static, pp, use_direct)
     n = _conv_head(a, name, g, args, n_static, use_direct)
     if sparse:
         _bsr_buffers(a, bsr)
@@ -779,25 +815,31 @@ def conv2d(
     a(1, f'Y = T.match_buffer(y, ({n}, {g.c_out}, {p}), "float32")')
     flat_xc = sparse and not use_direct and SCALED_INDICES  # BSR reads rows at pre-multiplied offsets
     if not use_direct:
-        a(1, f'XC = T.alloc_buffer(({g.k * pp if flat_xc else f"{g.k}, {pp}"},), "float32")')
-    a(1, f"for n in range({n}):")
+        a(1, f'XC = T.alloc_buffer(({images * g.k * pp if flat_xc else f"{images}, {g.k}, {pp}"},), "float32")')
+    a(1, f"for nc in range({n} // {images}):" if images > 1 else f"for nc in range({n}):")
     if use_direct:
 
         def vload(k: str, v: str, tile: str) -> str:
-            return f"X[n, {k}, {tile} * {tile_w} + {v}]"
+            return f"X[{img}, {k}, {tile} * {tile_w} + {v}]"
 
     else:
-        _im2col(a, g, tile_w, flat=flat_xc)
+        _im2col(a, g, tile_w, images, flat=flat_xc)
 
         def vload(k: str, v: str, tile: str) -> str:
             if flat_xc:
-                return f"XC[{k} + {tile} * {tile_w} + {v}]"
-            return f"XC[{k}, {tile} * {tile_w} + {v}]"
+                return f"XC[{slot} * {g.k * pp} + {k} + {tile} * {tile_w} + {v}]"
+            return f"XC[{slot}, {k}, {tile} * {tile_w} + {v}]"
 
     # pixel-tile major: one pixel tile of XC stays in cache while all output-channel tiles use it
-    a(2, f"for t in T.parallel({n_row_tiles * n_ptiles}):")
+    per_image = n_row_tiles * n_ptiles
+    work = images * p * (bsr.nnz * br * bc if sparse else g.c_out * g.k)
+    a(2, f"for t in {_loop(work)}({images * per_image}):")
     row_tile = f"(t % {n_row_tiles})"
-    ptile = f"(t // {n_row_tiles})"
+    if images > 1:
+        slot, img = f"(t // {per_image})", f"(nc * {images} + t // {per_image})"
+        ptile = f"(t % {per_image} // {n_row_tiles})"
+    else:
+        slot, img, ptile = "0", "nc", f"(t // {n_row_tiles})"
     if sparse:
         acc, offsets = _bsr_accumulate(
             a,
@@ -843,7 +885,7 @@ def conv2d(
                     scratch = _spill(a, ind2, buf, size)
                     a(ind2, f"for v in range({min(rest, size)}):")
                     val = _epilogue(f"{scratch}[v]", f"B[{co}]" if bias is not None else None, act)
-                a(ind2 + 1, f"Y[n, {co}, {ptile} * {tile_w} + {off} + v] = {val}")
+                a(ind2 + 1, f"Y[{img}, {co}, {ptile} * {tile_w} + {off} + v] = {val}")
 
     if p % tile_w == 0:
         store(3, True)

@@ -86,7 +86,7 @@ class LatencyCache:
             pass  # a read-only cache only costs re-measurement
 
 
-CODEGEN_SOURCES = ("compile.py", "lower.py", "kernels.py", "measure.py", "registry.py")
+CODEGEN_SOURCES = ("compile.py", "fold.py", "lower.py", "kernels.py", "measure.py", "registry.py")
 _codegen: str | None = None
 
 

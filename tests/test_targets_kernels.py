@@ -91,21 +91,48 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_conv2d(case, sparse):
+@pytest.mark.parametrize("batch", ["symbolic", "static", "chunked"])
+def test_conv2d(case, sparse, batch, monkeypatch):
+    """Every image of the batch, whether images go one per launch (symbolic batch), all in one launch (a small
+    static batch) or in chunks; serial loops for small convolutions and, forced, the parallel ones."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
     g = kernels.ConvGeom(**case)
+    n = 2 if batch != "chunked" else 6
+    if batch == "chunked":  # room for the im2col of two images: chunks of 2 (the largest divisor of 6 that fits)
+        pp = -(-g.pixels // kernels._conv_tile(g, PARAMS, (4, 1) if sparse else None)) * kernels._conv_tile(
+            g, PARAMS, (4, 1) if sparse else None)
+        monkeypatch.setattr(kernels, "FOLD_BATCH_BYTES", 2 * g.k * pp * 4 + 4)
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_MACS", 0)
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_COPY", 0)
     w = _sparse(rng, (g.c_out, g.c_in, g.kh, g.kw), keep=0.4)
     b = rng.standard_normal(g.c_out).astype(np.float32)
     block = (4, 1) if sparse else None
     bsr = kernels.to_bsr(w.reshape(g.c_out, -1), block) if sparse else None
-    kern = kernels.conv2d("conv_t", g, w.reshape(g.c_out, -1), b, "relu", PARAMS, bsr=bsr)
-    x = rng.standard_normal((2, g.c_in, g.h, g.w)).astype(np.float32)
+    kern = kernels.conv2d("conv_t", g, w.reshape(g.c_out, -1), b, "relu", PARAMS, bsr=bsr,
+                          n_static=None if batch == "symbolic" else n)
+    if batch == "chunked" and not g.direct:
+        assert f"range({n} // 2)" in kern.source
+    x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
     flat = kernels.conv2d_takes_flat_input(g, PARAMS, block)
-    got = _run(_build(kern), kern, [x.reshape(2, g.c_in, -1) if flat else x], (2, g.c_out, g.pixels))
+    got = _run(_build(kern), kern, [x.reshape(n, g.c_in, -1) if flat else x], (n, g.c_out, g.pixels))
     tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
     ref = torch.nn.functional.conv2d(tx, torch.tensor(w), torch.tensor(b), stride=g.stride, dilation=g.dilation)
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_small_maps_use_one_vector_tiles_and_serial_loops():
+    """A 4x4 map fills one vector, not half of a two-vector tile; a convolution this small runs without waking the
+    thread pool; a large one is parallel."""
+    small = kernels.ConvGeom(c_in=64, h=4, w=4, c_out=64, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1),
+                             dilation=(1, 1))
+    assert kernels._conv_tile(small, PARAMS, None) == PARAMS.lanes
+    w = np.ones((64, small.k), np.float32)
+    src = kernels.conv2d("c_small", small, w, None, None, PARAMS, n_static=1).source
+    assert "T.parallel" not in src
+    big = kernels.ConvGeom(c_in=64, h=28, w=28, c_out=64, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1),
+                           dilation=(1, 1))
+    assert "T.parallel" in kernels.conv2d("c_big", big, w, None, None, PARAMS, n_static=1).source
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "symbolic"])

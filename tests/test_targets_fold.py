@@ -1,0 +1,101 @@
+"""BatchNormalization folded into the convolution before it (the graph the code generator sees): same outputs as
+ONNX Runtime on the original, only the foldable pairs folded, weight names kept for per-layer decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spc.targets.fold import fold_batchnorm
+from spc.targets.testing import ort_run
+
+
+def _bn(name: str, x: str, y: str, c: int, rng) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    params = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c), rng.uniform(0.2, 2.0, c)]
+    names = [f"{name}.{p}" for p in ("scale", "bias", "mean", "var")]
+    inits = [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, names)]
+    return helper.make_node("BatchNormalization", [x, *names], [y], name=name, epsilon=1e-3), inits
+
+
+def _model() -> onnx.ModelProto:
+    """conv_a (bias) -> bn_a -> relu; conv_b and conv_c share one weight, each followed by its own BN; conv_d's
+    output feeds its BN and an Add (not foldable)."""
+    rng = np.random.default_rng(0)
+    w = lambda *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32))  # noqa: E731
+    inits = []
+    wa = w(8, 3, 3, 3); wa.name = "wa"
+    ba = w(8); ba.name = "ba"
+    ws = w(8, 8, 1, 1); ws.name = "shared"
+    wd = w(8, 8, 3, 3); wd.name = "wd"
+    inits += [wa, ba, ws, wd]
+    bns = {}
+    for name, x, y in (("bn_a", "a", "a_bn"), ("bn_b", "b", "b_bn"), ("bn_c", "c", "c_bn"), ("bn_d", "d", "d_bn")):
+        bns[name], params = _bn(name, x, y, 8, rng)
+        inits += params
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        bns["bn_a"],
+        helper.make_node("Relu", ["a_bn"], ["a_r"], name="relu_a"),
+        helper.make_node("Conv", ["a_r", "shared"], ["b"], name="conv_b"),
+        bns["bn_b"],
+        helper.make_node("Conv", ["a_r", "shared"], ["c"], name="conv_c"),
+        bns["bn_c"],
+        helper.make_node("Conv", ["a_r", "wd"], ["d"], name="conv_d", pads=[1, 1, 1, 1]),
+        bns["bn_d"],
+        helper.make_node("Add", ["d", "d_bn"], ["d_sum"], name="add_d"),
+        helper.make_node("Sum", ["b_bn", "c_bn", "d_sum"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_folded_model_computes_the_same():
+    model = _model()
+    before = model.SerializeToString()
+    folded, count = fold_batchnorm(model)
+    assert model.SerializeToString() == before  # the input is not modified
+    assert count == 3  # bn_d's conv output is also read by the Add
+    onnx.checker.check_model(folded)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("BatchNormalization") == 1
+    x = {"x": np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(folded, x)["y"], ort_run(model, x)["y"], rtol=1e-4, atol=1e-5)
+    convs = {n.name: list(n.input) for n in folded.graph.node if n.op_type == "Conv"}
+    assert convs["conv_a"][1] == "wa"  # an unshared weight keeps its name
+    assert convs["conv_b"][1] != convs["conv_c"][1] and "shared" not in (convs["conv_b"][1], convs["conv_c"][1])
+    assert convs["conv_d"] == ["a_r", "wd"]
+
+
+def test_nothing_to_fold_returns_an_equal_copy():
+    model = _model()
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+    folded, count = fold_batchnorm(model)
+    assert count == 0 and folded is not model
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_compiled_cnn_with_batchnorm_matches_onnxruntime(tmp_path):
+    """End to end: the bundle keeps the BatchNorms (model.onnx as given), the library runs them folded into the
+    convolutions' epilogues, and the layer records still name the ONNX nodes."""
+    tvm = pytest.importorskip("tvm")  # noqa: F841
+    from spc.targets import bundle_inputs, compile_model, get_target, load_bundle
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    model = _model()
+    manifest = compile_model(model, "x86", tmp_path, input_shapes={"x": [2, 3, 6, 6]})
+    kept = onnx.load(tmp_path / "model.onnx")
+    assert sum(n.op_type == "BatchNormalization" for n in kept.graph.node) == 4
+    names = {layer["node"]: layer for layer in manifest["layers"]}
+    assert set(names) == {"conv_a", "conv_b", "conv_c", "conv_d"}
+    assert names["conv_a"]["fused"] == ["bias", "relu"] and names["conv_a"]["weight"] == "wa"
+    x = bundle_inputs(manifest, seed=1)
+    got = load_bundle(tmp_path).run(x)["y"]
+    np.testing.assert_allclose(got, ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
