@@ -147,14 +147,13 @@ def main(argv=None) -> int:
 
 
 def markdown(results: dict) -> str:
+    variants = [r["variant"] for r in next(iter(results["models"].values()))["rows"]]
     lines = [
         f"threads: {results['threads']}, rounds: {results['rounds']} (speed-up over ORT dense, median "
         "[25%, 75%] of per-round ratios; error: max |spc - ORT| on the same model)",
         "",
-        "| model | ORT dense | spc dense | " + " | ".join(
-            r["variant"].replace("spc ", "spc ") for r in next(iter(results["models"].values()))["rows"][2:]
-        ) + " |",
-        "|---|---|---|" + "---|" * (len(next(iter(results["models"].values()))["rows"]) - 2),
+        "| model | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
     ]
     for model in results["models"].values():
         cells = []

@@ -47,10 +47,14 @@ class Layer:
 
 
 class LatencyModel:
-    """Predicted seconds of the model after removing atoms: layer tables + the rest scaled by activation size."""
+    """Predicted seconds of the model after removing atoms: layer tables + the rest scaled by activation size.
 
-    def __init__(self, cost_model: CostModel, layers: list[Layer], other_seconds: float):
+    ``fixed_seconds`` of the rest do not scale: one call's overhead (VM entry, argument checks), which the layer
+    tables do not hold (they are measured less it) and which a small model's time is largely made of."""
+
+    def __init__(self, cost_model: CostModel, layers: list[Layer], other_seconds: float, fixed_seconds: float = 0.0):
         self.cost_model, self.layers, self.other = cost_model, layers, max(other_seconds, 0.0)
+        self.fixed = max(fixed_seconds, 0.0)
         self.full_activation = sum(layer.full[1] * layer.pixels for layer in layers) or 1
 
     def set_densities(self, densities: dict[int, float]) -> None:
@@ -70,7 +74,8 @@ class LatencyModel:
     def predict(self, removed: np.ndarray) -> float:
         per_layer = self.layer_seconds(removed)
         kept = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers))
-        return sum(t for _w, t in per_layer) + self.other * kept / self.full_activation
+        fixed = min(self.fixed, self.other)
+        return sum(t for _w, t in per_layer) + fixed + (self.other - fixed) * kept / self.full_activation
 
 
 def _ranking(analysis: Analysis, scores, model: LatencyModel, round_to: int, normalize: bool):

@@ -1,7 +1,8 @@
 """``--speedup S --target T``: prune until the model *measured on the target* runs S times faster than the dense one.
 
 1. Measure each prunable layer alone at a few widths with the target's compiled kernels (latency tables, cached on
-   disk; on a remote device through TVM's RPC), and the whole dense model.
+   disk; on a remote device through TVM's RPC), less the overhead of one call (a model that computes nothing),
+   and the whole dense model; the rest of its time is that overhead plus work that scales with activations.
 2. Plan under a latency budget (latency_plan.py): least importance per second saved, widths rounded to ``round_to``.
    On targets with block-sparse kernels (x86, arm) each layer is also timed with the BSR kernel at a few densities
    at its planned widths, and the planner trades width against block sparsity per layer (latency_sparse.py).
@@ -126,15 +127,20 @@ def _sparsity_map(latency: LatencyModel, densities: dict[int, float]) -> dict[st
     return {latency.layers[i].weight: round(1.0 - d, 4) for i, d in sorted(densities.items())}
 
 
-def _tables(layers, measurer, round_to: int, widths: int, cache, say, again: bool = False) -> None:
-    from .targets.latency import candidate_widths, measure_table
+def _tables(layers, measurer, round_to: int, widths: int, cache, say, again: bool = False) -> float:
+    """Measure every layer's table; returns the per-call overhead, which the tables are stored without (inside
+    the model a layer does not pay it: a small CNN's layers timed alone each carried 1.5 us of it, so the plans
+    for it were predicted to save less time than they did)."""
+    from .targets.latency import candidate_widths, measure_call_overhead, measure_table
 
+    overhead = measure_call_overhead(measurer, cache, again=again)
     for i, layer in enumerate(layers):
         ins = candidate_widths(layer.full[0], layer.lowest[0], round_to, widths)
         outs = candidate_widths(layer.full[1], layer.lowest[1], round_to, widths)
         say(f"measuring layer {i + 1}/{len(layers)} {layer.node} ({layer.op}) at {len(ins)}x{len(outs)} widths"
             + (" again" if again else ""))
-        layer.table = measure_table(measurer, layer.spec, ins, outs, cache, again=again)
+        layer.table = measure_table(measurer, layer.spec, ins, outs, cache, again=again).without(overhead)
+    return overhead
 
 
 def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "obspa", round_to: int | None = None,
@@ -178,7 +184,7 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     if not layers:
         raise SpcError("--speedup: no prunable Conv/MatMul/Gemm layer in the model, nothing to trade for time")
     cache = LatencyCache(cache_dir)
-    _tables(layers, measurer, round_to, widths, cache, say)
+    overhead = _tables(layers, measurer, round_to, widths, cache, say)
     shapes = input_shapes(analysis.graph, dims)
     say(f"compiling and timing the dense model for {spec.name}")
     dense = measurer.runner(proto, shapes)
@@ -186,10 +192,10 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     layer_sum = sum(layer.table.predict(*layer.full) for layer in layers)
     if layer_sum > SUSPECT * t_dense:  # noise at the time a table was measured (they are cached for good)
         say(f"the layers timed alone add up to {layer_sum / t_dense:.1f}x the whole model: timing them again")
-        _tables(layers, measurer, round_to, widths, cache, say, again=True)
+        overhead = _tables(layers, measurer, round_to, widths, cache, say, again=True)
         t_dense = min([t_dense] + [measurer.time(dense) for _ in range(3)])
         layer_sum = sum(layer.table.predict(*layer.full) for layer in layers)
-    latency = LatencyModel(cost_model, layers, t_dense - layer_sum)
+    latency = LatencyModel(cost_model, layers, t_dense - layer_sum, fixed_seconds=overhead)
     nothing = np.zeros(analysis.atom_count, dtype=bool)
     if spec.sparse_kernels and sparse:
         _sparse_options(analysis, scores, latency, speedup, round_to, scorer.normalize, measurer, cache, say)
@@ -348,7 +354,8 @@ def _report(spec, measurer, speedup, round_to, shapes, t_dense, layer_sum, laten
     return {"format": FORMAT, "target": spec.name, "device": measurer.device_name,
             "threads": os.environ.get("TVM_NUM_THREADS", ""), "speedup_goal": speedup, "round_to": round_to,
             "input_shapes": shapes,
-            "dense": {"measured_s": t_dense, "layers_predicted_s": layer_sum, "other_s": latency.other},
+            "dense": {"measured_s": t_dense, "layers_predicted_s": layer_sum, "other_s": latency.other,
+                      "call_overhead_s": latency.fixed},
             "iterations": state.iterations, "chosen": best["index"],
             "sparsity": best["sparsity"],  # weight -> share of 4x1 blocks zeroed (compile_model's per-layer map)
             "result": {"measured_speedup": record["measured_speedup"],

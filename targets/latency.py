@@ -28,6 +28,11 @@ class LatencyTable:
         along_out = [_interp(co, self.out_widths, row) for row in self.seconds]
         return max(_interp(ci, self.in_widths, along_out), 0.0)
 
+    def without(self, seconds: float) -> "LatencyTable":
+        """The table less a per-call constant (the overhead of timing a layer alone), at least a tenth of each time."""
+        return LatencyTable(self.in_widths, self.out_widths,
+                            [[max(s - seconds, 0.1 * s) for s in row] for row in self.seconds])
+
     def to_json(self) -> dict:
         return {"in_widths": self.in_widths, "out_widths": self.out_widths,
                 "seconds": [[float(f"{s:.4g}") for s in row] for row in self.seconds]}
@@ -128,6 +133,24 @@ def measure_layer(measurer, layer, ci: int, co: int, cache: LatencyCache | None,
         seconds = measurer.time_layer(layer, ci, co, density=density)
     else:
         seconds = measurer.time_layer(layer, ci, co)
+    seconds = min(seconds, hit) if hit is not None else seconds
+    if cache is not None:
+        cache.put(key, seconds)
+    return seconds
+
+
+def measure_call_overhead(measurer, cache: LatencyCache | None, again: bool = False) -> float:
+    """Seconds a layer timed alone spends outside its own work (``Measurer.time_call``), cached like a layer."""
+    import tvm
+
+    spec = measurer.spec
+    key = {"format": CACHE_FORMAT, "target": spec.name, "tvm_target": spec.tvm_target, "tvm": tvm.__version__,
+           "codegen": codegen_fingerprint(), "device": measurer.device_name,
+           "threads": os.environ.get("TVM_NUM_THREADS", ""), "call_overhead": True}
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and not again:
+        return hit
+    seconds = min(measurer.time_call() for _ in range(3))
     seconds = min(seconds, hit) if hit is not None else seconds
     if cache is not None:
         cache.put(key, seconds)

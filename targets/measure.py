@@ -154,6 +154,14 @@ class Measurer:
         """Seconds per run of ``model`` compiled for the target (symbolic input dims bound by ``input_shapes``)."""
         return self.time(self.runner(model, input_shapes))
 
+    def time_call(self) -> float:
+        """Seconds of one call of a compiled model that computes next to nothing (a Relu of 16 numbers): what every
+        layer timed alone pays on top of its own work (VM entry, argument checks, output allocation, a launch)."""
+        node = helper.make_node("Relu", ["input"], ["output"], name="call")
+        vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16])  # noqa: E731
+        graph = helper.make_graph([node], "call", [vi("input")], [vi("output")])
+        return self.time_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
     def time_layer(self, layer: LayerSpec, ci: int, co: int, density: float = 1.0) -> float:
         """Seconds of ``layer`` at widths (ci, co); ``density`` < 1 keeps that fraction of its 4x1 blocks and runs
         the block-sparse kernel, as compile_model does for a sparsified layer."""

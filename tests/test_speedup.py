@@ -69,6 +69,9 @@ class _Fake:
         self.calls += 1
         return _bilinear(ci, co)
 
+    def time_call(self):
+        return 0.0
+
 
 def test_measurements_are_cached_on_disk(tmp_path):
     layer, fake = LayerSpec("matmul", rows=4), _Fake()
@@ -122,6 +125,34 @@ def _mlp_latency_model(round_to=8):
         outs = candidate_widths(layer.full[1], layer.lowest[1], round_to, 3)
         layer.table = LatencyTable(ins, outs, [[_bilinear(i, o) for o in outs] for i in ins])
     return analysis, LatencyModel(cost, layers, other_seconds=2e-5), layers
+
+
+def test_tables_are_kept_without_the_call_overhead_which_stays_fixed(tmp_path):
+    """A layer timed alone pays one call's overhead that it does not pay inside the model: the tables hold the
+    layer's own time, and the overhead is a fixed part of the model's time that no plan removes."""
+    from spc import speedup
+
+    class _CallBound(_Fake):
+        def time_layer(self, layer, ci, co):
+            return _bilinear(ci, co) + 5e-5
+
+        def time_call(self):
+            return 5e-5
+
+    analysis, latency, layers = _mlp_latency_model()
+    overhead = speedup._tables(layers, _CallBound(), 8, 3, LatencyCache(tmp_path), lambda _msg: None)
+    assert overhead == pytest.approx(5e-5)
+    for layer in layers:
+        assert layer.table.predict(*layer.full) == pytest.approx(_bilinear(*layer.full))
+    fixed = LatencyModel(latency.cost_model, layers, other_seconds=8e-5, fixed_seconds=5e-5)
+    scaled = LatencyModel(latency.cost_model, layers, other_seconds=8e-5)
+    nothing = np.zeros(analysis.atom_count, dtype=bool)
+    assert fixed.predict(nothing) == pytest.approx(scaled.predict(nothing))
+    narrowest = speedup.lowest_removal(analysis, 8)
+    layer_time = sum(t for _w, t in fixed.layer_seconds(narrowest))
+    share = (scaled.predict(narrowest) - layer_time) / 8e-5
+    assert 0 < share < 1
+    assert fixed.predict(narrowest) == pytest.approx(layer_time + 5e-5 + 3e-5 * share)
 
 
 @pytest.mark.parametrize("goal", [1.5, 2.0, 3.0])
