@@ -86,6 +86,9 @@ CONV_CASES = [
     dict(c_in=8, h=8, w=8, c_out=16, kh=1, kw=1, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
     dict(c_in=8, h=7, w=7, c_out=20, kh=1, kw=1, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
     dict(c_in=6, h=12, w=10, c_out=8, kh=3, kw=2, stride=(2, 1), pad=(1, 0, 2, 1), dilation=(1, 2)),
+    # "same" stride-1 convolutions: asymmetric padding, a kernel wider than the map
+    dict(c_in=5, h=6, w=7, c_out=9, kh=2, kw=2, stride=(1, 1), pad=(0, 0, 1, 1), dilation=(1, 1)),
+    dict(c_in=4, h=3, w=4, c_out=16, kh=5, kw=5, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(1, 1)),
 ]
 
 
