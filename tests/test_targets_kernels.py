@@ -89,6 +89,8 @@ CONV_CASES = [
     # "same" stride-1 convolutions: asymmetric padding, a kernel wider than the map
     dict(c_in=5, h=6, w=7, c_out=9, kh=2, kw=2, stride=(1, 1), pad=(0, 0, 1, 1), dilation=(1, 1)),
     dict(c_in=4, h=3, w=4, c_out=16, kh=5, kw=5, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(1, 1)),
+    # a 4x4 output map (one-vector pixel tiles) with more output channels than one tile of rows
+    dict(c_in=6, h=7, w=7, c_out=40, kh=3, kw=3, stride=(2, 2), pad=(1, 1, 1, 1), dilation=(1, 1)),
 ]
 
 
