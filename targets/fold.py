@@ -70,6 +70,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     taken = set(inits) | {out for node in graph.node for out in node.output} | {i.name for i in graph.input}
     remove: set[int] = set()
     gone: set[str] = set()
+    released: set[str] = set()
     for index, bn in enumerate(graph.node):
         if bn.op_type != "BatchNormalization":
             continue
@@ -97,6 +98,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         graph.initializer.append(numpy_helper.from_array(new_b, b_name))
         inits[b_name] = graph.initializer[-1]
         gone.add(conv.output[0])
+        released.update(list(bn.input[1:5]) + list(conv.input[1:3]))
         x_name = conv.input[0]
         del conv.input[:]
         conv.input.extend([x_name, w_name, b_name])
@@ -109,4 +111,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         stale = [vi for vi in graph.value_info if vi.name in gone]
         for vi in stale:
             graph.value_info.remove(vi)
+        still_read = set(_uses(model_out)) | {i.name for i in graph.input}  # (IR < 4 lists weights as inputs)
+        unused = [t for t in graph.initializer if t.name in released and t.name not in still_read]
+        for tensor in unused:  # BatchNorm parameters and shared weights that nothing reads any more
+            graph.initializer.remove(tensor)
     return model_out, len(remove)

@@ -69,6 +69,8 @@ def test_folded_model_computes_the_same():
     assert convs["conv_a"][1] == "wa"  # an unshared weight keeps its name
     assert convs["conv_b"][1] != convs["conv_c"][1] and "shared" not in (convs["conv_b"][1], convs["conv_c"][1])
     assert convs["conv_d"] == ["a_r", "wd"]
+    names = {t.name for t in folded.graph.initializer}
+    assert "shared" not in names and "bn_a.scale" not in names and "bn_d.scale" in names  # nothing left unread
 
 
 def test_nothing_to_fold_returns_an_equal_copy():
