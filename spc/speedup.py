@@ -129,8 +129,8 @@ def _sparsity_map(latency: LatencyModel, densities: dict[int, float]) -> dict[st
 
 def _tables(layers, measurer, round_to: int, widths: int, cache, say, again: bool = False) -> float:
     """Measure every layer's table; returns the per-call overhead, which the tables are stored without (inside
-    the model a layer does not pay it: a small CNN's layers timed alone each carried 1.5 us of it, so the plans
-    for it were predicted to save less time than they did)."""
+    the model a layer does not pay it: each layer of a small CNN timed alone carried about 1 us of it, so the
+    plans for it were predicted to save less time than they did)."""
     from .targets.latency import candidate_widths, measure_call_overhead, measure_table
 
     overhead = measure_call_overhead(measurer, cache, again=again)

@@ -109,13 +109,18 @@ def codegen_fingerprint() -> str:
     return _codegen
 
 
-def measurement_key(measurer, layer, ci: int, co: int, density: float = 1.0) -> dict:
+def _device_key(measurer) -> dict:
+    """What every cached time depends on besides the layer: target, TVM, spc's code generation, device, threads."""
     import tvm
 
     spec = measurer.spec
-    key = {"format": CACHE_FORMAT, "target": spec.name, "tvm_target": spec.tvm_target, "tvm": tvm.__version__,
-           "codegen": codegen_fingerprint(), "device": measurer.device_name,
-           "threads": os.environ.get("TVM_NUM_THREADS", ""), "layer": layer.key(), "ci": int(ci), "co": int(co)}
+    return {"format": CACHE_FORMAT, "target": spec.name, "tvm_target": spec.tvm_target, "tvm": tvm.__version__,
+            "codegen": codegen_fingerprint(), "device": measurer.device_name,
+            "threads": os.environ.get("TVM_NUM_THREADS", "")}
+
+
+def measurement_key(measurer, layer, ci: int, co: int, density: float = 1.0) -> dict:
+    key = {**_device_key(measurer), "layer": layer.key(), "ci": int(ci), "co": int(co)}
     if density < 1.0:
         key["density"], key["kernel"] = round(float(density), 4), "bsr"
     return key
@@ -125,32 +130,24 @@ def measure_layer(measurer, layer, ci: int, co: int, cache: LatencyCache | None,
                   density: float = 1.0) -> float:
     """Seconds of ``layer`` at widths (ci, co), block-sparse at ``density`` < 1; ``again`` measures once more and
     keeps the faster time."""
-    key = measurement_key(measurer, layer, ci, co, density)
-    hit = cache.get(key) if cache is not None else None
-    if hit is not None and not again:
-        return hit
     if density < 1.0:
-        seconds = measurer.time_layer(layer, ci, co, density=density)
-    else:
-        seconds = measurer.time_layer(layer, ci, co)
-    seconds = min(seconds, hit) if hit is not None else seconds
-    if cache is not None:
-        cache.put(key, seconds)
-    return seconds
+        return _cached(cache, measurement_key(measurer, layer, ci, co, density), again,
+                       lambda: measurer.time_layer(layer, ci, co, density=density))
+    return _cached(cache, measurement_key(measurer, layer, ci, co), again, lambda: measurer.time_layer(layer, ci, co))
 
 
 def measure_call_overhead(measurer, cache: LatencyCache | None, again: bool = False) -> float:
     """Seconds a layer timed alone spends outside its own work (``Measurer.time_call``), cached like a layer."""
-    import tvm
+    return _cached(cache, {**_device_key(measurer), "call_overhead": True}, again,
+                   lambda: min(measurer.time_call() for _ in range(3)))
 
-    spec = measurer.spec
-    key = {"format": CACHE_FORMAT, "target": spec.name, "tvm_target": spec.tvm_target, "tvm": tvm.__version__,
-           "codegen": codegen_fingerprint(), "device": measurer.device_name,
-           "threads": os.environ.get("TVM_NUM_THREADS", ""), "call_overhead": True}
+
+def _cached(cache: LatencyCache | None, key: dict, again: bool, measure) -> float:
+    """The cached time for ``key``; else (or ``again``) ``measure()``, keeping the faster of it and a cached time."""
     hit = cache.get(key) if cache is not None else None
     if hit is not None and not again:
         return hit
-    seconds = min(measurer.time_call() for _ in range(3))
+    seconds = measure()
     seconds = min(seconds, hit) if hit is not None else seconds
     if cache is not None:
         cache.put(key, seconds)
