@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from spc.graph import node_attr
+from spc.rewrite import unique_name
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -46,15 +47,6 @@ def _foldable(conv: onnx.NodeProto, bn: onnx.NodeProto, inits: dict, uses: dict)
     return weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
-def _fresh(name: str, taken: set[str]) -> str:
-    candidate, i = f"{name}_bnfold", 1
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_bnfold{i}"
-    taken.add(candidate)
-    return candidate
-
-
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every Conv -> BatchNormalization pair (the Conv's output read only by the
     BatchNormalization, all parameters constant) merged into one Conv; returns it and the number folded.
@@ -78,18 +70,19 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if conv is None or conv.op_type != "Conv" or not _foldable(conv, bn, inits, uses):
             continue
         w_proto = inits[conv.input[1]]
-        w = numpy_helper.to_array(w_proto).astype(np.float64)
+        w_stored = numpy_helper.to_array(w_proto)
+        w = w_stored.astype(np.float64)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64).reshape(-1) for n in bn.input[1:5])
         if not (gamma.size == beta.size == mean.size == var.size == w.shape[0]):
             continue
         scale = gamma / np.sqrt(var + float(node_attr(bn, "epsilon", 1e-5)))
         has_bias = len(conv.input) > 2 and conv.input[2]
         b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64).reshape(-1) if has_bias else 0.0
-        dtype = numpy_helper.to_array(w_proto).dtype
+        dtype = w_stored.dtype
         new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype)
         new_b = ((b - mean) * scale + beta).astype(dtype)
-        w_name = conv.input[1] if uses.get(conv.input[1], 0) == 1 else _fresh(conv.input[1], taken)
-        b_name = _fresh(f"{conv.name or conv.output[0]}_bias", taken)
+        w_name = conv.input[1] if uses.get(conv.input[1], 0) == 1 else unique_name(f"{conv.input[1]}_bnfold", taken)
+        b_name = unique_name(f"{conv.name or conv.output[0]}_bias", taken)
         w_proto_new = numpy_helper.from_array(new_w, w_name)
         if w_name == conv.input[1]:
             w_proto.CopyFrom(w_proto_new)
