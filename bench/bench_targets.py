@@ -62,6 +62,11 @@ def main(argv=None) -> int:
             lambda: testing.cnn(channels=64, size=56, batch=1),
             {"input": [1, 3, 56, 56]},
         ),
+        "resnet18": (
+            "ResNet-18 (torchvision layout, random weights), 224x224, batch 1",
+            lambda: testing.resnet18(size=224, batch=1),
+            {"input": [1, 3, 224, 224]},
+        ),
         # the trained ResNet-style CNN of models/ (8x8 digits, 32/64 channels, explicit BatchNorms): small
         # convolutions, where per-call overheads and BatchNorm glue weigh most
         "digits": ("digits CNN (models/digits_cnn.onnx), batch 1", lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),

@@ -8,8 +8,8 @@ project benchmarks on (bench/bench_targets.py: BERT-base FFN 128x768x3072 with 4
 
 ``efficiency`` (per target, TargetSpec.bsr_efficiency) is BSR throughput per stored weight relative to dense;
 ``overhead`` covers the transposed copy of the activations and the transposed store of a matmul (convolutions
-skip it: their im2col layout is already pixel-major). ``u`` is the fraction of vector lanes/rows doing useful
-work for m rows (tokens or pixels), which is what makes BSR lose at tiny batch: its tiles span tokens.
+skip it: their im2col or padded-plane layout is already pixel-major). ``u`` is the fraction of vector lanes/rows
+doing useful work for m rows (tokens or pixels), which is what makes BSR lose at tiny batch: its tiles span tokens.
 """
 
 from __future__ import annotations

@@ -88,6 +88,41 @@ def cnn(channels: int = 32, size: int = 32, classes: int = 10, batch: int = 2, s
     return _export(Net(), torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
 
 
+def resnet18(size: int = 224, classes: int = 1000, batch: int = 1, static_batch: bool = False, seed=0):
+    """ResNet-18 in torchvision's layout (7x7/2 stem, max pool, four stages of two basic blocks, 64-512 channels,
+    1x1/2 projection shortcuts), random weights, BatchNorm explicit: the stride-1 3x3 convolutions on 56x56 to
+    7x7 maps that most CNNs spend their time in."""
+    import torch
+    from torch import nn
+
+    _seed(seed)
+
+    def conv_bn(cin, cout, k, stride):
+        bn = nn.BatchNorm2d(cout)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), bn)
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.a, self.b = conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, 1)
+            self.short = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + self.short(x))
+
+    widths = [64, 128, 256, 512]
+    layers = [conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    for i, width in enumerate(widths):
+        cin = widths[max(i - 1, 0)]
+        layers += [Block(cin, width, 1 if i == 0 else 2), Block(width, width, 1)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    net = nn.Sequential(*layers)
+    return _export(net, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+
+
 def encoder(
     d_model: int = 256,
     heads: int = 4,

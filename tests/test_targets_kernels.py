@@ -91,6 +91,15 @@ CONV_CASES = [
     dict(c_in=4, h=3, w=4, c_out=16, kh=5, kw=5, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(1, 1)),
     # a 4x4 output map (one-vector pixel tiles) with more output channels than one tile of rows
     dict(c_in=6, h=7, w=7, c_out=40, kh=3, kw=3, stride=(2, 2), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    # shifted views of padded planes (no im2col): "same", a 3x1 kernel, and unpadded ("valid") geometries
+    dict(c_in=16, h=14, w=14, c_out=24, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(c_in=8, h=10, w=12, c_out=12, kh=3, kw=1, stride=(1, 1), pad=(1, 0, 1, 0), dilation=(1, 1)),
+    dict(c_in=8, h=12, w=12, c_out=8, kh=3, kw=3, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
+    # ... strided (phase planes), dilated, both at once on different axes, asymmetric padding, stride 3
+    dict(c_in=8, h=15, w=16, c_out=12, kh=3, kw=3, stride=(2, 2), pad=(1, 1, 0, 1), dilation=(1, 1)),
+    dict(c_in=8, h=14, w=14, c_out=8, kh=3, kw=3, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(2, 2)),
+    dict(c_in=8, h=20, w=30, c_out=10, kh=3, kw=2, stride=(2, 1), pad=(1, 0, 2, 1), dilation=(1, 2)),
+    dict(c_in=4, h=30, w=30, c_out=16, kh=5, kw=5, stride=(3, 3), pad=(2, 2, 2, 2), dilation=(1, 1)),
 ]
 
 
@@ -104,10 +113,9 @@ def test_conv2d(case, sparse, batch, monkeypatch):
     rng = np.random.default_rng(3)
     g = kernels.ConvGeom(**case)
     n = 2 if batch != "chunked" else 6
-    if batch == "chunked":  # room for the im2col of two images: chunks of 2 (the largest divisor of 6 that fits)
-        pp = -(-g.pixels // kernels._conv_tile(g, PARAMS, (4, 1) if sparse else None)) * kernels._conv_tile(
-            g, PARAMS, (4, 1) if sparse else None)
-        monkeypatch.setattr(kernels, "FOLD_BATCH_BYTES", 2 * g.k * pp * 4 + 4)
+    if batch == "chunked":  # room for the buffers of two images: chunks of 2 (the largest divisor of 6 that fits)
+        per_image = kernels.conv_buffer_bytes(g, PARAMS, (4, 1) if sparse else None)
+        monkeypatch.setattr(kernels, "FOLD_BATCH_BYTES", 2 * per_image + 4)
         monkeypatch.setattr(kernels, "PARALLEL_MIN_MACS", 0)
         monkeypatch.setattr(kernels, "PARALLEL_MIN_COPY", 0)
     w = _sparse(rng, (g.c_out, g.c_in, g.kh, g.kw), keep=0.4)
@@ -124,6 +132,30 @@ def test_conv2d(case, sparse, batch, monkeypatch):
     tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
     ref = torch.nn.functional.conv2d(tx, torch.tensor(w), torch.tensor(b), stride=g.stride, dilation=g.dilation)
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
+    """Convolutions on maps of 7x7 and up read padded planes (stride 2: four phase planes), a 7x7/2 stem too; an
+    8x8 map (its extra columns would add 50% to the product), a 3x3 stem on 3 channels and a strided 1x1 (more to
+    copy than their im2col) and BSR blocks over two input channels use im2col."""
+    def geom(c_in, hw, c_out, k=3, stride=1):
+        return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
+                                pad=(k // 2,) * 4, dilation=(1, 1))
+
+    def buffer(g, block=None):
+        w = np.ones((g.c_out, g.k), np.float32)
+        bsr = kernels.to_bsr(w, block) if block else None
+        src = kernels.conv2d("c", g, w, None, None, PARAMS, bsr=bsr, n_static=1).source
+        return "XP" if "XP = " in src else "XC" if "XC = " in src else None
+
+    assert [buffer(geom(c, hw, c)) for c, hw in [(64, 56), (128, 28), (256, 14), (512, 7)]] == ["XP"] * 4
+    assert buffer(geom(64, 56, 128, stride=2)) == buffer(geom(3, 224, 64, k=7, stride=2)) == "XP"
+    assert kernels._shifted_planes(geom(64, 56, 128, stride=2), PARAMS).phases == ((0, 0), (0, 1), (1, 0), (1, 1))
+    assert buffer(geom(32, 8, 32)) == buffer(geom(3, 56, 64)) == buffer(geom(64, 56, 128, k=1, stride=2)) == "XC"
+    assert buffer(geom(64, 28, 64), block=(4, 1)) == "XP"  # BSR reads the views through a table of offsets
+    assert buffer(geom(64, 28, 64), block=(2, 2)) == "XC"  # ... one input channel per block only
+    assert [kernels._shifted_planes(kernels.ConvGeom(**case), PARAMS) is not None for case in CONV_CASES[-7:]] \
+        == [True] * 7
 
 
 def test_conv2d_small_maps_use_one_vector_tiles_and_serial_loops():
