@@ -810,16 +810,20 @@ def _shifted_planes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int]
     than im2col on 14x14 to 56x56 maps (a 7x7/2 stem 1.3x), 0.8-0.9x on 8x8 ones."""
     if not SHIFTED or g.direct or (block is not None and block[1] != 1):
         return None
+    planes = _planes(g, params.nr if block is None else params.bsr_tile(block[0]))
+    im2col_tile = _conv_tile(g, params, block)
+    if planes.pp > SHIFTED_MAX_WORK * _ceil(g.pixels, im2col_tile) * im2col_tile:
+        return None
+    if g.c_in * len(planes.phases) * planes.hq * planes.wq + g.c_out * g.pixels >= g.k * g.pixels:
+        return None  # few input channels, or a strided 1x1: the planes and the compaction outweigh im2col
+    return planes
+
+
+def _planes(g: ConvGeom, tile: int) -> _Planes:
     (sh, sw), (dh, dw) = g.stride, g.dilation
     hq, wq = _ceil(g.h + g.pad[0] + g.pad[2], sh), _ceil(g.w + g.pad[1] + g.pad[3], sw)
     phases = tuple(sorted({(kh * dh % sh, kw * dw % sw) for kh in range(g.kh) for kw in range(g.kw)}))
-    tile = params.nr if block is None else params.bsr_tile(block[0])
     pp = _ceil(g.oh * wq, tile) * tile
-    im2col_tile = _conv_tile(g, params, block)
-    if pp > SHIFTED_MAX_WORK * _ceil(g.pixels, im2col_tile) * im2col_tile:
-        return None
-    if g.c_in * len(phases) * hq * wq + g.c_out * g.pixels >= g.k * g.pixels:
-        return None  # few input channels, or a strided 1x1: the planes and the compaction outweigh im2col
     reach = ((g.kh - 1) * dh // sh) * wq + (g.kw - 1) * dw // sw
     return _Planes(hq, wq, tile, phases, pp, max(pp + reach, hq * wq))
 
@@ -884,6 +888,15 @@ def _copy_planes(a: _Src, g: ConvGeom, planes: _Planes, images: int) -> None:
         zeros(i_hi * wq, length - i_hi * wq, 3)
 
 
+def _drop_extra_columns(a: _Src, g: ConvGeom, planes: _Planes, images: int) -> None:
+    """Y[image, c, oh * OW + ow] = YP[image, c, oh * wq + ow]: contiguous row copies."""
+    a(2, f"for q in {_loop(images * g.c_out * g.pixels, PARALLEL_MIN_COPY)}({images * g.c_out}):")
+    img = f"(nc * {images} + q // {g.c_out})" if images > 1 else "nc"
+    a(3, f"for oh in range({g.oh}):")
+    a(4, f"for ow in range({g.ow}):")
+    a(5, f"Y[{img}, q % {g.c_out}, oh * {g.ow} + ow] = YP[q * {planes.pp} + oh * {planes.wq} + ow]")
+
+
 def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarray, bias: np.ndarray | None,
                     act: str | None, params: CpuKernelParams, n_static: int | None, bsr: BSR | None) -> Kernel:
     """A convolution without im2col. Each image is copied once into zero-padded planes, one per input channel and
@@ -896,7 +909,7 @@ def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarra
     tile_w = planes.tile
     rows = bsr.block[0] if sparse else min(g.c_out, _choose_mr(params, g.c_out))
     n_row_tiles = _ceil(g.c_out, rows)
-    pp, n_ptiles, wq = planes.pp, planes.pp // tile_w, planes.wq
+    pp, n_ptiles = planes.pp, planes.pp // tile_w
     per_channel = len(planes.phases) * planes.length
     images = _images_per_launch(n_static, conv_buffer_bytes(g, params, bsr.block if sparse else None))
     a = _Src()
@@ -947,12 +960,7 @@ def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarra
             a(ind, f"for v in T.vectorized({size}):")
             val = _epilogue(f"{buf}[v]", f"B[{co}]" if bias is not None else None, act)
             a(ind + 1, f"YP[{slot} * {g.c_out * pp} + ({co}) * {pp} + {ptile} * {tile_w} + {off} + v] = {val}")
-    # the extra columns dropped: contiguous row copies
-    a(2, f"for q in {_loop(images * g.c_out * g.pixels, PARALLEL_MIN_COPY)}({images * g.c_out}):")
-    img = f"(nc * {images} + q // {g.c_out})" if images > 1 else "nc"
-    a(3, f"for oh in range({g.oh}):")
-    a(4, f"for ow in range({g.ow}):")
-    a(5, f"Y[{img}, q % {g.c_out}, oh * {g.ow} + ow] = YP[q * {pp} + oh * {wq} + ow]")
+    _drop_extra_columns(a, g, planes, images)
     src = a.text()
     if sparse:
         consts = [bsr.data, plane_offsets(g, planes, bsr.indices), bsr.indptr]
