@@ -100,6 +100,9 @@ CONV_CASES = [
     dict(c_in=8, h=14, w=14, c_out=8, kh=3, kw=3, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(2, 2)),
     dict(c_in=8, h=20, w=30, c_out=10, kh=3, kw=2, stride=(2, 1), pad=(1, 0, 2, 1), dilation=(1, 2)),
     dict(c_in=4, h=30, w=30, c_out=16, kh=5, kw=5, stride=(3, 3), pad=(2, 2, 2, 2), dilation=(1, 1)),
+    # ... 7x7 output maps: one double-width tile per image, a tail of output rows
+    dict(c_in=8, h=7, w=7, c_out=14, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(c_in=8, h=14, w=14, c_out=10, kh=3, kw=3, stride=(2, 2), pad=(1, 1, 1, 1), dilation=(1, 1)),
 ]
 
 
@@ -154,8 +157,10 @@ def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     assert buffer(geom(32, 8, 32)) == buffer(geom(3, 56, 64)) == buffer(geom(64, 56, 128, k=1, stride=2)) == "XC"
     assert buffer(geom(64, 28, 64), block=(4, 1)) == "XP"  # BSR reads the views through a table of offsets
     assert buffer(geom(64, 28, 64), block=(2, 2)) == "XC"  # ... one input channel per block only
-    assert [kernels._shifted_planes(kernels.ConvGeom(**case), PARAMS) is not None for case in CONV_CASES[-7:]] \
-        == [True] * 7
+    assert [kernels._shifted_planes(kernels.ConvGeom(**case), PARAMS) is not None for case in CONV_CASES[-9:]] \
+        == [True] * 9
+    tiles = [kernels._shifted_planes(geom(c, hw, c), PARAMS).tile for c, hw in [(512, 7), (64, 56)]]
+    assert tiles == [2 * PARAMS.nr, PARAMS.nr]  # a 7x7 map in one tile per image: its weights read once
 
 
 def test_conv2d_small_maps_use_one_vector_tiles_and_serial_loops():
