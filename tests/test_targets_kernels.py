@@ -137,6 +137,39 @@ def test_conv2d(case, sparse, batch, monkeypatch):
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _random_geometry(rng) -> kernels.ConvGeom:
+    kh, kw, sh, sw, dh, dw = (int(v) for v in (*rng.integers(1, 6, 2), *rng.integers(1, 4, 2), *rng.integers(1, 3, 2)))
+    return kernels.ConvGeom(c_in=int(rng.integers(1, 24)), h=int(rng.integers(max(kh * dh, 5), 30)),
+                            w=int(rng.integers(max(kw * dw, 5), 30)), c_out=int(rng.integers(1, 30)), kh=kh, kw=kw,
+                            stride=(sh, sw), pad=tuple(int(v) for v in rng.integers(0, 3, 4)), dilation=(dh, dw))
+
+
+def test_conv2d_random_geometries_match_torch():
+    """Seeded random kernels, strides, dilations, paddings and channel counts (dense and BSR, static and symbolic
+    batch): every form (padded planes, im2col, direct) against torch; about half of them take the planes."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    forms = []
+    while len(forms) < 24:
+        g = _random_geometry(rng)
+        if g.oh < 1 or g.ow < 1:
+            continue
+        block = (4, 1) if len(forms) % 3 == 0 else None
+        n = int(rng.integers(1, 4))
+        w = rng.standard_normal((g.c_out, g.k)).astype(np.float32)
+        kern = kernels.conv2d("conv_r", g, w, None, None, PARAMS, bsr=kernels.to_bsr(w, block) if block else None,
+                              n_static=n if len(forms) % 2 else None)
+        forms.append(kernels._shifted_planes(g, PARAMS, block) is not None)
+        x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
+        flat = kernels.conv2d_takes_flat_input(g, PARAMS, block)
+        got = _run(_build(kern), kern, [x.reshape(n, g.c_in, -1) if flat else x], (n, g.c_out, g.pixels))
+        tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+        ref = torch.nn.functional.conv2d(tx, torch.tensor(w.reshape(g.c_out, g.c_in, g.kh, g.kw)), stride=g.stride,
+                                         dilation=g.dilation).numpy()
+        np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4, err_msg=str(g))
+    assert 6 <= sum(forms) <= 18
+
+
 def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     """Convolutions on maps of 7x7 and up read padded planes (stride 2: four phase planes), a 7x7/2 stem too; an
     8x8 map (its extra columns would add 50% to the product), a 3x3 stem on 3 channels and a strided 1x1 (more to
