@@ -726,16 +726,29 @@ def _im2col(a: _Src, g: ConvGeom, tile: int, images: int, ind: int = 2, flat: bo
 
 def _conv_tile(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
     """Pixels per tile. Dense: nr, or one vector when an image has fewer pixels than nr (a 4x4 map in a 32-wide
-    tile wastes half of every FMA). BSR: the widest of (full BSR tile, 4 vectors, 2 vectors) dividing the pixel
-    count (no tail tile), else the full BSR tile."""
+    tile wastes half of every FMA). BSR: ``bsr_conv_tile``."""
     if block is None:
         return params.lanes if g.pixels < params.nr else params.nr
-    full = params.bsr_tile(block[0])
-    chunk = params.bsr_chunk(block[0])
+    return bsr_conv_tile(params, block[0], g.pixels)
+
+
+def bsr_conv_tile(params: CpuKernelParams, br: int, positions: int) -> int:
+    """Positions per BSR tile: the widest of (full BSR tile, 4, 2 vectors) dividing ``positions`` (no tail tile);
+    else, for fewer positions than a full tile, the narrowest of those and one vector that holds them all (a 4x4
+    map in the full 96-wide tile ran BSR at 0.67x of dense at 70% sparsity); else the full tile."""
+    full = params.bsr_tile(br)
     for cand in (full, 4 * params.lanes, 2 * params.lanes):
-        if cand <= full and cand % chunk == 0 and g.pixels % cand == 0:
+        if cand <= full and positions % cand == 0:
             return cand
+    if positions < full:
+        return min(c for c in (full, 4 * params.lanes, 2 * params.lanes, params.lanes) if positions <= c <= full)
     return full
+
+
+def _bsr_conv_chunk(params: CpuKernelParams, br: int, tile: int) -> int:
+    """Lanes per BSR accumulator buffer in a tile of ``tile`` positions."""
+    chunk = params.bsr_chunk(br)
+    return chunk if tile % chunk == 0 else params.lanes
 
 
 def _images_per_launch(n_static: int | None, per_image: int) -> int:
@@ -810,8 +823,9 @@ def _shifted_planes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int]
     than im2col on 14x14 to 56x56 maps (a 7x7/2 stem 1.3x), 0.8-0.9x on 8x8 ones."""
     if not SHIFTED or g.direct or (block is not None and block[1] != 1):
         return None
-    tile = params.nr if block is None else params.bsr_tile(block[0])
-    if block is None and params.nr < g.oh * _ceil(g.w + g.pad[1] + g.pad[3], g.stride[1]) <= 2 * params.nr:
+    positions = g.oh * _ceil(g.w + g.pad[1] + g.pad[3], g.stride[1])
+    tile = params.nr if block is None else bsr_conv_tile(params, block[0], positions)
+    if block is None and params.nr < positions <= 2 * params.nr:
         tile = 2 * params.nr  # a 7x7 map: one tile per image (see _conv2d_shifted)
     planes = _planes(g, tile)
     im2col_tile = _conv_tile(g, params, block)
@@ -939,7 +953,7 @@ def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarra
     slot = f"(t // {per_image})" if images > 1 else "0"
     image_planes = f"{slot} * {g.c_in * per_channel}"
     if sparse:  # I holds each block's view offset (plane_offsets)
-        chunk = params.bsr_chunk(rows)
+        chunk = _bsr_conv_chunk(params, rows, tile_w)
         acc, offsets = _bsr_accumulate(a, 3, br=rows, bc=1, vt=tile_w, chunk=chunk, block_row=row_tile,
                                        vload=lambda k, v: f"XP[{image_planes} + {k} + {ptile} * {tile_w} + {v}]",
                                        row_stride=1)
@@ -1057,12 +1071,13 @@ def conv2d(
             br=br,
             bc=bc,
             vt=tile_w,
-            chunk=params.bsr_chunk(br),
+            chunk=_bsr_conv_chunk(params, br, tile_w),
             block_row=row_tile,
             vload=lambda k, v: vload(k, v, ptile),
             row_stride=pp if flat_xc else None,
         )
-        bufs = [[(f"{acc}{r}_{c}", off, params.bsr_chunk(br)) for c, off in enumerate(offsets)] for r in range(rows)]
+        chunk = _bsr_conv_chunk(params, br, tile_w)
+        bufs = [[(f"{acc}{r}_{c}", off, chunk) for c, off in enumerate(offsets)] for r in range(rows)]
     else:
         acc = _tile_accumulate(
             a,

@@ -196,6 +196,13 @@ def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     assert tiles == [2 * PARAMS.nr, PARAMS.nr]  # a 7x7 map in one tile per image: its weights read once
 
 
+def test_bsr_conv_tiles_fit_small_maps():
+    """A BSR tile divides the map when it can; a small map gets the narrowest tile holding it, not 96 positions."""
+    full, lanes = PARAMS.bsr_tile(4), PARAMS.lanes
+    tiles = {p: kernels.bsr_conv_tile(PARAMS, 4, p) for p in (16, 9, 49, 64, 784, 3136, full * 3)}
+    assert tiles == {16: lanes, 9: lanes, 49: 4 * lanes, 64: 4 * lanes, 784: full, 3136: 4 * lanes, full * 3: full}
+
+
 def test_conv2d_small_maps_use_one_vector_tiles_and_serial_loops():
     """A 4x4 map fills one vector, not half of a two-vector tile; a convolution this small runs without waking the
     thread pool; a large one is parallel."""
