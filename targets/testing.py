@@ -90,8 +90,8 @@ def cnn(channels: int = 32, size: int = 32, classes: int = 10, batch: int = 2, s
 
 def resnet18(size: int = 224, classes: int = 1000, batch: int = 1, static_batch: bool = False, seed=0):
     """ResNet-18 in torchvision's layout (7x7/2 stem, max pool, four stages of two basic blocks, 64-512 channels,
-    1x1/2 projection shortcuts), random weights, BatchNorm explicit: the stride-1 3x3 convolutions on 56x56 to
-    7x7 maps that most CNNs spend their time in."""
+    1x1/2 projection shortcuts), random weights, BatchNorm with random statistics (the exporter folds it into the
+    convolutions): the 3x3 convolutions on 56x56 to 7x7 maps that most CNNs spend their time in."""
     import torch
     from torch import nn
 
