@@ -808,6 +808,15 @@ class _Planes:
     pp: int  # product positions per image: OH * wq rounded up to whole tiles
     length: int  # floats per plane: its rows, and room for every tap's view of every tile
 
+    @property
+    def per_channel(self) -> int:
+        """Floats of one input channel's planes."""
+        return len(self.phases) * self.length
+
+    def buffer_bytes(self, g: ConvGeom) -> int:
+        """Bytes per image of the planes and of the product's output (with its extra columns)."""
+        return 4 * (g.c_in * self.per_channel + g.c_out * self.pp)
+
     def tap(self, g: ConvGeom, kh: int, kw: int) -> tuple[int, int]:
         """(plane, offset in it) that tap (kh, kw) reads for output position 0."""
         (sh, sw), (dh, dw) = g.stride, g.dilation
@@ -823,7 +832,7 @@ def _shifted_planes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int]
     than im2col on 14x14 to 56x56 maps (a 7x7/2 stem 1.3x), 0.8-0.9x on 8x8 ones."""
     if not SHIFTED or g.direct or (block is not None and block[1] != 1):
         return None
-    positions = g.oh * _ceil(g.w + g.pad[1] + g.pad[3], g.stride[1])
+    positions = g.oh * _plane_width(g)
     tile = params.nr if block is None else bsr_conv_tile(params, block[0], positions)
     if block is None and params.nr < positions <= 2 * params.nr:
         tile = 2 * params.nr  # a 7x7 map: one tile per image (see _conv2d_shifted)
@@ -836,10 +845,15 @@ def _shifted_planes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int]
     return planes
 
 
+def _plane_width(g: ConvGeom) -> int:
+    """Columns of a plane: the padded width over the column stride (also the product's output row stride)."""
+    return _ceil(g.w + g.pad[1] + g.pad[3], g.stride[1])
+
+
 def _planes(g: ConvGeom, tile: int) -> _Planes:
     """The plane layout of ``g`` for product tiles of ``tile`` positions."""
     (sh, sw), (dh, dw) = g.stride, g.dilation
-    hq, wq = _ceil(g.h + g.pad[0] + g.pad[2], sh), _ceil(g.w + g.pad[1] + g.pad[3], sw)
+    hq, wq = _ceil(g.h + g.pad[0] + g.pad[2], sh), _plane_width(g)
     phases = tuple(sorted({(kh * dh % sh, kw * dw % sw) for kh in range(g.kh) for kw in range(g.kw)}))
     pp = _ceil(g.oh * wq, tile) * tile
     reach = ((g.kh - 1) * dh // sh) * wq + (g.kw - 1) * dw // sw
@@ -848,7 +862,7 @@ def _planes(g: ConvGeom, tile: int) -> _Planes:
 
 def plane_offsets(g: ConvGeom, planes: _Planes, columns: np.ndarray) -> np.ndarray:
     """Element offsets in one image's planes of the views that im2col columns k = (ci, kh, kw) read (int32)."""
-    per_channel = len(planes.phases) * planes.length
+    per_channel = planes.per_channel
     taps = [plane * planes.length + offset
             for plane, offset in (planes.tap(g, kh, kw) for kh in range(g.kh) for kw in range(g.kw))]
     offsets = (np.arange(g.c_in, dtype=np.int64)[:, None] * per_channel + np.array(taps)).reshape(-1)[columns]
@@ -862,7 +876,7 @@ def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, in
     output with its extra columns (shifted form), the im2col matrix, or nothing (1x1 on whole tiles)."""
     planes = _shifted_planes(g, params, block)
     if planes is not None:
-        return 4 * (g.c_in * len(planes.phases) * planes.length + g.c_out * planes.pp)
+        return planes.buffer_bytes(g)
     if conv2d_takes_flat_input(g, params, block):
         return 0
     tile = _conv_tile(g, params, block)
@@ -874,8 +888,8 @@ def _copy_planes(a: _Src, g: ConvGeom, planes: _Planes, images: int) -> None:
     width wq, zeros up to the plane's length; one (parallel) loop over (image, input channel). The valid rows and
     columns of each phase are resolved here, so the copy loops have no bounds checks."""
     (sh, sw), (pt, pl) = g.stride, g.pad[:2]
-    nph, length, wq = len(planes.phases), planes.length, planes.wq
-    a(2, f"for q in {_loop(images * g.c_in * nph * length, PARALLEL_MIN_COPY)}({images * g.c_in}):")
+    length, wq = planes.length, planes.wq
+    a(2, f"for q in {_loop(images * g.c_in * planes.per_channel, PARALLEL_MIN_COPY)}({images * g.c_in}):")
     img = f"(nc * {images} + q // {g.c_in})" if images > 1 else "nc"
 
     def valid(phase: int, pad: int, step: int, size: int, count: int) -> tuple[int, int]:
@@ -884,7 +898,7 @@ def _copy_planes(a: _Src, g: ConvGeom, planes: _Planes, images: int) -> None:
         return lo, max(lo, min(count, (size - 1 + pad - phase) // step + 1))
 
     for ph, (ra, cb) in enumerate(planes.phases):
-        base = f"q * {nph * length} + {ph * length}"
+        base = f"q * {planes.per_channel} + {ph * length}"
         i_lo, i_hi = valid(ra, pt, sh, g.h, planes.hq)
         j_lo, j_hi = valid(cb, pl, sw, g.w, wq)
 
@@ -936,8 +950,8 @@ def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarra
         rows = min(g.c_out, _choose_mr(params, g.c_out))
     n_row_tiles = _ceil(g.c_out, rows)
     pp, n_ptiles = planes.pp, planes.pp // tile_w
-    per_channel = len(planes.phases) * planes.length
-    images = _images_per_launch(n_static, conv_buffer_bytes(g, params, bsr.block if sparse else None))
+    per_channel = planes.per_channel
+    images = _images_per_launch(n_static, planes.buffer_bytes(g))
     a = _Src()
     n = _conv_head(a, name, g, n_static, False, bsr, n_row_tiles, rows, bias is not None)
     a(1, f'XP = T.alloc_buffer(({images * g.c_in * per_channel},), "float32")')
@@ -1065,18 +1079,18 @@ def conv2d(
     else:
         slot, img, ptile = "0", "nc", f"(t // {n_row_tiles})"
     if sparse:
+        chunk = _bsr_conv_chunk(params, br, tile_w)
         acc, offsets = _bsr_accumulate(
             a,
             3,
             br=br,
             bc=bc,
             vt=tile_w,
-            chunk=_bsr_conv_chunk(params, br, tile_w),
+            chunk=chunk,
             block_row=row_tile,
             vload=lambda k, v: vload(k, v, ptile),
             row_stride=pp if flat_xc else None,
         )
-        chunk = _bsr_conv_chunk(params, br, tile_w)
         bufs = [[(f"{acc}{r}_{c}", off, chunk) for c, off in enumerate(offsets)] for r in range(rows)]
     else:
         acc = _tile_accumulate(
