@@ -479,6 +479,13 @@ def test_speedup_with_block_sparse_layers_records_them_and_matches_ort(tmp_path,
         return priced
 
     monkeypatch.setattr(speedup, "price_blocks", cheap_blocks)
+    # The BSR kernel's speed is the benchmarks' claim (bench/bench_targets.py); timed here on a loaded 2-core
+    # machine it can lose to dense by noise, so a BSR layer costs its dense time scaled by the density it keeps.
+    from spc.targets.measure import Measurer
+
+    dense_time = Measurer.time_layer
+    monkeypatch.setattr(Measurer, "time_layer", lambda self, layer, ci, co, density=1.0:
+                        dense_time(self, layer, ci, co) * min(1.0, density + 0.2))
     model = testing.mlp(d_in=128, hidden=512, d_out=16, batch=128)
     path = tmp_path / "mlp.onnx"
     spc.save(model, path)
@@ -488,7 +495,7 @@ def test_speedup_with_block_sparse_layers_records_them_and_matches_ort(tmp_path,
     assert code == 0 and json.loads(capsys.readouterr().out)["latency"]["file"] == "latency.json"
     report = json.loads((bundle / "latency.json").read_text())
     sparse = [row for row in report["layers"] if row["kernel"] == "bsr"]
-    assert sparse, "BSR pays for a 512x512 matmul at 128 rows; the planner should take it"
+    assert sparse, "BSR is timed faster than dense on every layer; the planner should take it"
     assert report["sparsity"] == {row["weight"]: round(1 - row["density"], 4) for row in sparse}
     for row in report["layers"]:
         assert (row["density"] < 1) == (row["kernel"] == "bsr") and row["predicted_s"] > 0
