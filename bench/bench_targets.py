@@ -8,10 +8,12 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
     python bench/bench_targets.py                      # 1 thread (TVM and ORT); prints the markdown table
     python bench/bench_targets.py --threads 2          # all cores of this machine
     python bench/bench_targets.py --models ffn --rounds 30
+    python bench/bench_targets.py --models digits,digits_transformer --exec-modes compiled,bytecode   # VM modes
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
 heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1), and the trained digits CNN of models/ at batch 1 and 8 (`digits`, `digits8`).
+channels, 56x56 input, batch 1), ResNet-18, the trained digits CNN of models/ at batch 1 and 8 (`digits`, `digits8`)
+and the trained digits transformer at batch 1 (`digits_transformer`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.7,0.8,0.9")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over rounds)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round")
+    p.add_argument("--exec-modes", default="compiled",
+                   help="Relax VM modes to build the spc variants in, comma-separated: compiled (spc's default: the "
+                        "VM's instructions compiled to a host function) and/or bytecode (interpreted), side by side")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -49,6 +54,9 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from spc.targets import compile_model, load_bundle, testing
+    from spc.targets import compile as compile_module
+
+    exec_modes = args.exec_modes.split(",")
 
     models = {
         "ffn": ("BERT-base FFN layer 128x768x3072 (MatMul)", lambda: testing.ffn_layer(128, 768, 3072), None),
@@ -73,6 +81,8 @@ def main(argv=None) -> int:
                    {"image": [1, 1, 8, 8]}),
         "digits8": ("digits CNN (models/digits_cnn.onnx), batch 8", lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
                     {"image": [8, 1, 8, 8]}),
+        "digits_transformer": ("digits transformer (models/digits_transformer.onnx), batch 1",
+                               lambda: onnx.load(ROOT / "models" / "digits_transformer.onnx"), {"image": [1, 1, 8, 8]}),
     }
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     results = {"threads": args.threads, "rounds": args.rounds, "models": {}}
@@ -92,10 +102,11 @@ def main(argv=None) -> int:
         out_name = model.graph.output[0].name
         ort_dense = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         variants["ORT dense"] = (lambda s=ort_dense: s.run(None, x), 0.0, None)
-        for sp in [0.0] + sparsities:
-            name = "spc dense" if sp == 0 else f"spc {sp:.0%}"
-            out = tmp / f"{key}-{sp}"
+        for mode, sp in [(mode, sp) for sp in [0.0] + sparsities for mode in exec_modes]:
+            name = ("spc dense" if sp == 0 else f"spc {sp:.0%}") + (f" ({mode})" if len(exec_modes) > 1 else "")
+            out = tmp / f"{key}-{sp}-{mode}"
             t0 = time.perf_counter()
+            compile_module.EXEC_MODE = mode  # module setting read by compile_model: not an option users need
             manifest = compile_model(model, "x86", out, sparsity=sp, block=(4, 1), input_shapes=shapes)
             bundle = load_bundle(out)
             ref_sess = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])

