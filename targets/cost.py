@@ -61,7 +61,7 @@ def estimate(
     m = max(int(m), 1)
     macs = float(m) * k * n
     dense = macs / _util_rows(m, params.mr)
-    from .kernels import _token_tile
+    from .kernels.bsr import _token_tile
 
     vt = _token_tile(params, block[0], m)
     sparse = macs * density / (max(efficiency, 1e-6) * _util_tokens(m, vt, params.bsr_chunk(block[0])))

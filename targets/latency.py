@@ -91,7 +91,7 @@ class LatencyCache:
             pass  # a read-only cache only costs re-measurement
 
 
-CODEGEN_SOURCES = ("compile.py", "fold.py", "lower.py", "kernels.py", "measure.py", "registry.py")
+CODEGEN_SOURCES = ("compile.py", "fold.py", "lower.py", "kernels", "measure.py", "registry.py")  # files or packages
 _codegen: str | None = None
 
 
@@ -104,7 +104,9 @@ def codegen_fingerprint() -> str:
     if _codegen is None:
         digest = hashlib.sha1()
         for name in CODEGEN_SOURCES:
-            digest.update((Path(__file__).parent / name).read_bytes())
+            path = Path(__file__).parent / name
+            for source in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+                digest.update(source.read_bytes())
         _codegen = digest.hexdigest()[:16]
     return _codegen
 

@@ -1,0 +1,134 @@
+"""``dense_matmul``: Y[m, n] = X[m, k] @ W[k, n] (+ bias, relu) with a constant W packed to [N/NR, K, NR]; rows
+of X are broadcast, packed weight panels are vector loads. m may be symbolic."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .source import CpuKernelParams, Kernel, _ceil, _choose_mr, _epilogue, _loop, _parse, _spill, _Src, _tile_accumulate
+
+
+def pack_dense_weight(w_kn: np.ndarray, nr: int) -> np.ndarray:
+    """[K, N] -> [ceil(N/nr), K, nr], zero padded."""
+    k, n = w_kn.shape
+    np_ = _ceil(n, nr)
+    padded = np.zeros((k, np_ * nr), dtype=np.float32)
+    padded[:, :n] = w_kn
+    return np.ascontiguousarray(padded.reshape(k, np_, nr).transpose(1, 0, 2))
+
+
+def _row_tiles(
+    a: _Src,
+    ind: int,
+    *,
+    m: str,
+    m_static: int | None,
+    mr: int,
+    tile: str,
+    emit_tile,
+) -> None:
+    """Dispatch tile index ``tile`` (0 .. ceil(m/mr)-1): full tiles of mr rows, the last one split into 4s and 1s.
+
+    ``emit_tile(ind, rows, row0)`` writes one micro-kernel for ``rows`` rows starting at the row expression row0.
+    """
+    if m_static is not None and m_static % mr == 0:
+        emit_tile(ind, mr, f"{tile} * {mr}")
+        return
+    if m_static is not None and m_static < mr:
+        tail = m_static
+        a(ind, "if True:")
+    else:
+        a(ind, f"if {tile} < {m} // {mr}:")
+        emit_tile(ind + 1, mr, f"{tile} * {mr}")
+        a(ind, "else:")
+        tail = None
+    base = f"{m} // {mr} * {mr}"
+    if tail is not None:  # static tail, fully known
+        row = 0
+        for rows in (4, 1):
+            while tail - row >= rows and (rows == 1 or mr > 4):
+                emit_tile(ind + 1, rows, f"{base} + {row}")
+                row += rows
+        return
+    rest = f"({m} - {base})"
+    if mr > 4:
+        a(ind + 1, f"for q in range({rest} // 4):")
+        emit_tile(ind + 2, 4, f"{base} + q * 4")
+        a(ind + 1, f"for q in range({rest} % 4):")
+        emit_tile(ind + 2, 1, f"{base} + {rest} // 4 * 4 + q")
+    else:
+        a(ind + 1, f"for q in range({rest}):")
+        emit_tile(ind + 2, 1, f"{base} + q")
+
+
+def dense_matmul(
+    name: str,
+    w_kn: np.ndarray,
+    bias: np.ndarray | None,
+    act: str | None,
+    params: CpuKernelParams,
+    m_static: int | None = None,
+) -> Kernel:
+    """Y[m, N] = X[m, K] @ W[K, N] (+ bias) (relu). m is symbolic unless m_static is given."""
+    k_dim, n_dim = (int(d) for d in w_kn.shape)
+    nr, ku = params.nr, params.ku
+    mr = _choose_mr(params, m_static)
+    np_ = _ceil(n_dim, nr)
+    full_panels = n_dim // nr
+    m = "m" if m_static is None else str(m_static)
+    mt = f"(({m} + {mr - 1}) // {mr})"
+    a = _Src()
+    args = ["x: T.handle", "w: T.handle"] + (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
+    a.signature(name, args, ("m",) if m_static is None else ())
+    a(1, f'X = T.match_buffer(x, ({m}, {k_dim}), "float32")')
+    a(1, f'W = T.match_buffer(w, ({np_}, {k_dim}, {nr}), "float32")')
+    if bias is not None:
+        a(1, f'B = T.match_buffer(b, ({n_dim},), "float32")')
+    a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
+    a(1, f"for t in {_loop(m_static * k_dim * n_dim if m_static is not None else None)}({np_} * {mt}):")
+    panel = f"(t // {mt})"
+    tile = f"(t % {mt})"
+
+    def emit_tile(ind: int, rows: int, row0: str) -> None:
+        acc = _tile_accumulate(
+            a,
+            ind,
+            rows=rows,
+            width=nr,
+            k_extent=str(k_dim),
+            k_static=k_dim,
+            ku=ku,
+            bcast=lambda i, k: f"X[{row0} + {i}, {k}]",
+            vload=lambda k, v: f"W[{panel}, {k}, {v}]",
+        )
+
+        def store(ind2: int, width_expr: str, vec: bool) -> None:
+            for i in range(rows):
+                col = f"{panel} * {nr} + v"
+                val = _epilogue(f"{acc}{i}[v]", f"B[{col}]" if bias is not None else None, act)
+                if vec:
+                    a(ind2, f"for v in T.vectorized({nr}):")
+                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+                else:
+                    scratch = _spill(a, ind2, f"{acc}{i}", nr)
+                    val = _epilogue(f"{scratch}[v]", f"B[{col}]" if bias is not None else None, act)
+                    a(ind2, f"for v in range({width_expr}):")
+                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+
+        if n_dim % nr == 0:
+            store(ind, "", True)
+        else:
+            if full_panels:
+                a(ind, f"if {panel} < {full_panels}:")
+                store(ind + 1, "", True)
+                a(ind, "else:")
+                store(ind + 1, str(n_dim - full_panels * nr), False)
+            else:
+                store(ind, str(n_dim), False)
+
+    _row_tiles(a, 2, m=m, m_static=m_static, mr=mr, tile=tile, emit_tile=emit_tile)
+    src = a.text()
+    consts = [pack_dense_weight(w_kn, nr)]
+    if bias is not None:
+        consts.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(n_dim))
+    return Kernel(name, _parse(src, name), consts, src)

@@ -1,0 +1,204 @@
+"""The pieces every generated kernel is built from: register-blocking parameters of a target, the TVMScript
+source builder and parser, the accumulate-a-tile loop, the epilogue, and when a loop nest goes to the thread pool.
+
+Index expressions are written inline, never let-bound (``n = t // 8`` in TVMScript): let-bound image and tile
+indices inside a parallel loop made the convolution about 2x slower, at every size measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ACTIVATIONS = (None, "relu")
+
+
+@dataclass(frozen=True)
+class CpuKernelParams:
+    """Register blocking of one CPU target, derived from its vector width and register file."""
+
+    lanes: int  # float32 lanes in one vector register
+    mr: int  # rows of a dense micro-tile (broadcast operand)
+    nr: int  # columns of a dense micro-tile (vector operand), a multiple of lanes
+    ku: int  # unroll of the reduction loop
+    acc_regs: int  # vector registers a BSR tile may use for accumulators
+
+    def __post_init__(self):
+        if self.nr % self.lanes or (self.nr // self.lanes) & (self.nr // self.lanes - 1):
+            raise ValueError(f"nr={self.nr} must be a power-of-two multiple of lanes={self.lanes}")
+
+    def bsr_tile(self, br: int) -> int:
+        """Tokens (pixels) per BSR tile for blocks of ``br`` output rows: fills up to ``acc_regs`` registers."""
+        return self.lanes * max(1, min(8, self.acc_regs // max(br, 1)))
+
+    def bsr_chunk(self, br: int) -> int:
+        """Accumulator buffers hold this many lanes (a power of two vectors: LLVM scalarises odd vector widths,
+        a 96-lane vector ran 30x slower than three of 32); also the width of BSR tail tiles."""
+        tile = self.bsr_tile(br)
+        return 2 * self.lanes if tile % (2 * self.lanes) == 0 else self.lanes
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+PARALLEL_MIN_MACS = 1 << 22  # below this a launch on the thread pool costs more than it saves (measured on 2 cores)
+PARALLEL_MIN_COPY = 1 << 18  # likewise for a copy (im2col, transposes), in elements
+
+
+def _loop(work: int | None) -> str:
+    """``T.parallel`` for a loop nest doing ``work`` multiply-adds (None: unknown, symbolic sizes), else a serial
+    loop: a small model's kernels take a few microseconds each, which waking the thread pool for every one of them
+    doubled. The threshold is read when a kernel is generated (tests lower it to force the parallel form)."""
+    return "T.parallel" if work is None or work >= PARALLEL_MIN_MACS else "T.serial"
+
+
+def _copy_loop(elements: int | None) -> str:
+    """``_loop`` for a copy of ``elements`` floats (im2col, planes, transposes)."""
+    return "T.parallel" if elements is None or elements >= PARALLEL_MIN_COPY else "T.serial"
+
+
+class _Src:
+    """Indented TVMScript source builder."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._count = 0
+
+    def fresh(self, prefix: str) -> str:
+        """A new identifier (TVMScript forbids redefining a buffer in one scope)."""
+        self._count += 1
+        return f"{prefix}{self._count}_"
+
+    def __call__(self, indent: int, text: str) -> None:
+        self.lines.append("    " * indent + text)
+
+    def signature(self, name: str, args: list[str], symbolic: tuple[str, ...] = ()) -> None:
+        """A PrimFunc's header: its parameters, the no-alias attribute, an int64 variable per symbolic size."""
+        self(0, "@T.prim_func")
+        self(0, f"def {name}({', '.join(args)}):")
+        self(1, 'T.func_attr({"tir.noalias": True})')
+        for sym in symbolic:
+            self(1, f"{sym} = T.int64()")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+_PARSED: dict[str, object] = {}  # TVMScript source (name-independent) -> PrimFunc; parsing costs ~0.5 s
+
+
+def _parse(src: str, name: str, attrs: dict | None = None):
+    import tvm
+    from tvm.script import tirx as T
+
+    key = src.replace(f"def {name}(", "def kernel(", 1)
+    func = _PARSED.get(key)
+    if func is None:
+        try:
+            func = tvm.script.from_source(key, extra_vars={"T": T})
+        except Exception as exc:  # pragma: no cover - a generator bug, show the source
+            raise RuntimeError(f"spc kernel generator produced invalid TVMScript for {name}:\n{src}") from exc
+        if len(_PARSED) > 256:
+            _PARSED.clear()
+        _PARSED[key] = func
+    func = func.with_attr("global_symbol", name)
+    func = func.with_attr("tirx.is_scheduled", True)
+    for key, value in (attrs or {}).items():
+        func = func.with_attr(key, value)
+    return func
+
+
+def _epilogue(val: str, bias: str | None, act: str | None) -> str:
+    if bias is not None:
+        val = f"{val} + {bias}"
+    if act == "relu":
+        val = f"T.max({val}, T.float32(0))"
+    elif act is not None:
+        raise ValueError(f"unsupported fused activation {act!r}")
+    return val
+
+
+def _dim(value) -> str:
+    """A static int or the name of a symbolic int64 variable."""
+    return str(value)
+
+
+def _spill(a: _Src, ind: int, acc: str, width: int) -> str:
+    """Copy accumulator ``acc`` (registers) to a stack scratch so that a guarded, non-unrolled loop can read it.
+
+    Indexing the accumulators themselves with a loop variable would force them into memory for the whole
+    reduction; unrolling guarded stores instead makes LLVM very slow."""
+    scratch = a.fresh("sp")
+    a(ind, f'{scratch} = T.alloc_buffer(({width},), "float32")')
+    a(ind, f"for v in T.vectorized({width}):")
+    a(ind + 1, f"{scratch}[v] = {acc}[v]")
+    return scratch
+
+
+def _tile_accumulate(
+    a: _Src,
+    ind: int,
+    *,
+    rows: int,
+    width: int,
+    k_extent: str,
+    k_static: int | None,
+    ku: int,
+    bcast,
+    vload,
+) -> str:
+    """Zero ``rows`` accumulators of ``width`` lanes, then acc[i] += bcast(i, k) * vload(k) over k.
+
+    Returns the accumulator name prefix: buffers are ``{prefix}{i}``.
+    """
+    tag = a.fresh("acc")
+    for i in range(rows):
+        a(ind, f'{tag}{i} = T.alloc_buffer(({width},), "float32")')
+    for i in range(rows):
+        a(ind, f"for v in T.vectorized({width}):")
+        a(ind + 1, f"{tag}{i}[v] = T.float32(0)")
+
+    def body(ind2: int, k: str) -> None:
+        for i in range(rows):
+            a(ind2, f"for v in T.vectorized({width}):")
+            a(ind2 + 1, f"{tag}{i}[v] = {tag}{i}[v] + {bcast(i, k)} * {vload(k, 'v')}")
+
+    if k_static is not None:
+        full, rest = divmod(k_static, ku)
+        if full:
+            a(ind, f"for ko in range({full}):")
+            a(ind + 1, f"for ku in T.unroll({ku}):")
+            body(ind + 2, f"ko * {ku} + ku")
+        if rest:
+            a(ind, f"for kt in T.unroll({rest}):")
+            body(ind + 1, f"{full * ku} + kt")
+    else:
+        a(ind, f"for ko in range({k_extent} // {ku}):")
+        a(ind + 1, f"for ku in T.unroll({ku}):")
+        body(ind + 2, f"ko * {ku} + ku")
+        a(ind, f"for kt in range({k_extent} % {ku}):")
+        body(ind + 1, f"{k_extent} // {ku} * {ku} + kt")
+    return tag
+
+
+@dataclass
+class Kernel:
+    """A generated PrimFunc and the constant arrays (already laid out) it takes after the activation input."""
+
+    name: str
+    func: object
+    consts: list[np.ndarray]
+    source: str
+
+
+def _choose_mr(params: CpuKernelParams, m_static: int | None, mr: int | None = None) -> int:
+    mr = mr or params.mr
+    if m_static is None or m_static % mr == 0:
+        return mr
+    # A static row count: prefer a tile height that divides it (no tail) if one is at least two thirds of mr.
+    for cand in range(mr, max(4, (2 * mr) // 3) - 1, -1):
+        if m_static % cand == 0:
+            return cand
+    return mr
