@@ -44,7 +44,7 @@ used and dropped after, second moments of 16 MiB or more wait in a temporary fil
 weights of a model on disk go straight back to disk (``spc.weights``), so an LLM is scored one layer at a time in
 memory. The sweep runs with one BLAS thread (OpenBLAS's threaded Cholesky and thin updates are slower with two on two cores).
 
-The second moments come from ``moments`` (data-free, see ``passes/moments.py``); ``passes/obs.py`` swaps in the
+The second moments come from ``moments`` (data-free, see ``passes/moments/``); ``passes/obs.py`` swaps in the
 true ones from calibration data. ``hessians`` overrides both: ``{(tensor, axis): (mean, E[xx^T])}``.
 """
 
