@@ -15,94 +15,94 @@ def _sigmoid(v):
     return 0.5 * (1.0 + np.tanh(0.5 * v))
 
 
+def _leaky_relu(node, v, const):
+    alpha = node_attr(node, "alpha", 0.01)
+    return np.where(v > 0, v, alpha * v)
+
+
+def _clip(node, v, const):
+    """Bounds from inputs (opset >= 11) or attributes; a bound computed at run time gives no estimate."""
+    lo = const(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "min")
+    hi = const(node.input[2]) if len(node.input) > 2 and node.input[2] else node_attr(node, "max")
+    if (len(node.input) > 1 and node.input[1] and lo is None) or (len(node.input) > 2 and node.input[2]
+                                                                   and hi is None):
+        return None
+    out = v
+    if lo is not None:
+        out = np.maximum(out, float(np.asarray(lo)))
+    if hi is not None:
+        out = np.minimum(out, float(np.asarray(hi)))
+    return out
+
+
+def _elu(node, v, const):
+    alpha = node_attr(node, "alpha", 1.0)
+    return np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
+
+
+def _selu(node, v, const):
+    alpha = node_attr(node, "alpha", 1.67326319217681884765625)
+    gamma = node_attr(node, "gamma", 1.05070102214813232421875)
+    return gamma * np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
+
+
+def _hard_sigmoid(node, v, const):
+    alpha, beta = node_attr(node, "alpha", 0.2), node_attr(node, "beta", 0.5)
+    return np.clip(alpha * v + beta, 0.0, 1.0)
+
+
+def _gelu(node, v, const):
+    if node_attr(node, "approximate", "none") == "tanh":
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+    return 0.5 * v * (1.0 + erf(v / np.sqrt(2.0)))
+
+
+UNARY = {  # op -> its function of the values; the ones with attributes or bound inputs take (node, v, const)
+    **dict.fromkeys(("Identity", "Dropout", "Cast"), lambda v: v),
+    "Relu": lambda v: np.maximum(v, 0.0),
+    "Sigmoid": _sigmoid,
+    "Tanh": np.tanh,
+    "Erf": erf,
+    "Exp": lambda v: np.exp(np.minimum(v, 50.0)),
+    "Abs": np.abs,
+    "Neg": lambda v: -v,
+    "Sqrt": lambda v: np.sqrt(np.maximum(v, 0.0)),
+    "Reciprocal": lambda v: 1.0 / np.where(np.abs(v) < 1e-6, 1e-6, v),
+    "Softplus": lambda v: np.logaddexp(0.0, v),
+    "HardSwish": lambda v: v * np.clip(v / 6.0 + 0.5, 0.0, 1.0),
+    "Mish": lambda v: v * np.tanh(np.logaddexp(0.0, v)),
+    **dict.fromkeys(("Swish", "SiLU"), lambda v: v * _sigmoid(v)),
+    "Softsign": lambda v: v / (1 + np.abs(v)),
+    "Floor": np.floor,
+    "Ceil": np.ceil,
+    "Round": np.round,
+    "Sign": np.sign,
+    "Log": lambda v: np.log(np.maximum(v, 1e-12)),
+}
+UNARY_WITH_NODE = {"LeakyRelu": _leaky_relu, "Clip": _clip, "Elu": _elu, "Selu": _selu, "HardSigmoid": _hard_sigmoid,
+                   "Gelu": _gelu}
+UNARY_OPS = UNARY.keys() | UNARY_WITH_NODE.keys()
+
+
 def _unary(node, v: np.ndarray, const) -> np.ndarray | None:
-    op = node.op_type
-    if op in ("Identity", "Dropout", "Cast"):
-        return v
-    if op == "Relu":
-        return np.maximum(v, 0.0)
-    if op == "LeakyRelu":
-        alpha = node_attr(node, "alpha", 0.01)
-        return np.where(v > 0, v, alpha * v)
-    if op == "Clip":
-        lo = const(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "min")
-        hi = const(node.input[2]) if len(node.input) > 2 and node.input[2] else node_attr(node, "max")
-        if (len(node.input) > 1 and node.input[1] and lo is None) or (len(node.input) > 2 and node.input[2]
-                                                                       and hi is None):
-            return None
-        out = v
-        if lo is not None:
-            out = np.maximum(out, float(np.asarray(lo)))
-        if hi is not None:
-            out = np.minimum(out, float(np.asarray(hi)))
-        return out
-    if op == "Sigmoid":
-        return _sigmoid(v)
-    if op == "Tanh":
-        return np.tanh(v)
-    if op == "Erf":
-        return erf(v)
-    if op == "Exp":
-        return np.exp(np.minimum(v, 50.0))
-    if op == "Abs":
-        return np.abs(v)
-    if op == "Neg":
-        return -v
-    if op == "Sqrt":
-        return np.sqrt(np.maximum(v, 0.0))
-    if op == "Reciprocal":
-        return 1.0 / np.where(np.abs(v) < 1e-6, 1e-6, v)
-    if op == "Softplus":
-        return np.logaddexp(0.0, v)
-    if op == "Elu":
-        alpha = node_attr(node, "alpha", 1.0)
-        return np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
-    if op == "Selu":
-        alpha = node_attr(node, "alpha", 1.67326319217681884765625)
-        gamma = node_attr(node, "gamma", 1.05070102214813232421875)
-        return gamma * np.where(v > 0, v, alpha * np.expm1(np.minimum(v, 0.0)))
-    if op == "HardSigmoid":
-        alpha, beta = node_attr(node, "alpha", 0.2), node_attr(node, "beta", 0.5)
-        return np.clip(alpha * v + beta, 0.0, 1.0)
-    if op == "HardSwish":
-        return v * np.clip(v / 6.0 + 0.5, 0.0, 1.0)
-    if op == "Gelu":
-        if node_attr(node, "approximate", "none") == "tanh":
-            return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
-        return 0.5 * v * (1.0 + erf(v / np.sqrt(2.0)))
-    if op == "Mish":
-        return v * np.tanh(np.logaddexp(0.0, v))
-    if op in ("Swish", "SiLU"):
-        return v * _sigmoid(v)
-    if op == "Softsign":
-        return v / (1 + np.abs(v))
-    if op == "Floor":
-        return np.floor(v)
-    if op == "Ceil":
-        return np.ceil(v)
-    if op == "Round":
-        return np.round(v)
-    if op == "Sign":
-        return np.sign(v)
-    if op == "Log":
-        return np.log(np.maximum(v, 1e-12))
-    return None
+    """``node``'s elementwise function applied to the values ``v`` (None: an op or bound that cannot be followed)."""
+    plain = UNARY.get(node.op_type)
+    if plain is not None:
+        return plain(v)
+    with_node = UNARY_WITH_NODE.get(node.op_type)
+    return None if with_node is None else with_node(node, v, const)
 
 
-UNARY_OPS = {"Identity", "Dropout", "Cast", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Erf", "Exp", "Abs",
-             "Neg", "Sqrt", "Reciprocal", "Softplus", "Elu", "Selu", "HardSigmoid", "HardSwish", "Gelu", "Mish",
-             "Swish", "SiLU", "Softsign", "Floor", "Ceil", "Round", "Sign", "Log"}
-BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": None, "Pow": None, "Max": np.maximum,
-          "Min": np.minimum, "PRelu": None}
+def _pow(a, b):
+    return np.sign(a) * np.abs(a) ** b if np.all(np.asarray(b) == np.round(b)) else np.abs(a) ** b
+
+
+BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum, "Min": np.minimum,
+          "Div": lambda a, b: a / np.where(np.abs(b) < 1e-12, 1e-12, b), "Pow": _pow,
+          "PRelu": lambda a, b: np.where(a > 0, a, b * a)}
 
 
 def _binary(op: str, a, b):
-    if op == "Div":
-        return a / np.where(np.abs(b) < 1e-12, 1e-12, b)
-    if op == "Pow":
-        return np.sign(a) * np.abs(a) ** b if np.all(np.asarray(b) == np.round(b)) else np.abs(a) ** b
-    if op == "PRelu":
-        return np.where(a > 0, a, b * a)
     return BINARY[op](a, b)
 
 
