@@ -38,6 +38,7 @@ from .rewrite import apply_removal
 FORMAT = "spc-latency/1"
 CONFIRM_ROUNDS = 7  # paired rounds that time the two closest attempts again before one is chosen
 SUSPECT = 1.5  # layers timed alone adding up to more than this times the whole model: measured under load, retime
+REACH = 0.10  # a goal measured more than this short of with every removable channel gone is refused as out of reach
 
 
 @dataclass
@@ -154,8 +155,9 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     default: even priced in OBS cost units after their re-fit, zeroed blocks in the early convs of a small trained
     model cost more accuracy than the price says, and measured inside the model the BSR kernels save less time than
     timed alone; bench/README.md). A goal
-    predicted out of reach is refused (SpcError naming the reachable speed-up) unless ``beyond_reach``: then
-    everything removable goes, which costs accuracy for little speed."""
+    predicted out of reach, or measured more than REACH short of with everything removable gone, is refused
+    (SpcError naming the reachable speed-up) unless ``beyond_reach``: then everything removable goes, which costs
+    accuracy for little speed."""
     from .analysis import analyze
     from .passes import PassContext, importance_pass
     from .targets import get_target
@@ -208,6 +210,13 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
         say(f"warning: {why}; pruning as far as it goes")
     state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say)
     best = state.search(speedup, refine, tolerance)
+    reached = state.reached()
+    if max(state.goals) >= ceiling and reached * (1 + REACH) < speedup:
+        why = (f"{speedup:g}x is out of reach on {spec.name}: measured {reached:.2f}x with every removable channel "
+               f"gone (predicted {ceiling:.2f}x: in the model the narrow layers shrink less than timed alone)")
+        if not beyond_reach:
+            raise SpcError(f"--speedup: {why}; ask for at most {math.floor(reached * 100) / 100:.2f}")
+        say(f"warning: {why}")
     plan, pruned = best["plan"], best["model"]
     say("validating with onnx.checker and ONNX Runtime")
     verdict = validate(pruned, analysis.graph, dims)
@@ -228,9 +237,11 @@ class _Search:
         self.iterations: list[dict] = []
         self.pricer = BlockPricer(analysis, scorer) if BlockPricer.applies(scorer) else None
         self.planned: list = []  # (plan, densities) of every attempt so far
+        self.goals: list[float] = []  # every goal given to the planner, also those that gave an earlier plan
         self.base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
 
     def attempt(self, goal: float) -> dict:
+        self.goals.append(goal)
         choice = plan_with_sparsity(self.analysis, self.scores, self.latency, self.base / goal, self.round_to,
                                     normalize=self.scorer.normalize, costs=getattr(self.scorer, "costs", None),
                                     pricer=self.pricer)
@@ -294,6 +305,10 @@ class _Search:
             entry["record"]["confirmed_speedup"] = round(ratio, 4)
             entry["runner"] = None
         return min(finalists, key=lambda entry: miss(entry, "confirmed_speedup"))
+
+    def reached(self) -> float:
+        """The best speed-up any attempt measured (when made, or when timed again)."""
+        return max(max(it["measured_speedup"], it.get("confirmed_speedup", 0.0)) for it in self.iterations)
 
     def _predicted_now(self, entry: dict) -> float:
         """The speed-up the latency model, as recalibrated since, predicts for an attempt's plan: the goals used

@@ -531,6 +531,40 @@ def test_a_speedup_out_of_reach_is_refused_naming_what_is_reachable(tmp_path, mo
                                   dim_values={"batch": 4})
 
 
+class _StuckInModel(_Fake):
+    """Layers timed alone are the whole model (bilinear tables: a 2x goal is predicted well within reach), but any
+    pruned model measures only 1.2x faster: in the model the narrow layers do not shrink as they did alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = None
+
+    def runner(self, model, shapes, **options):
+        self.dense = self.dense or model
+        return model
+
+    def time(self, runner):
+        whole = 1.01 * (_bilinear(32, 64) + _bilinear(64, 64) + _bilinear(64, 16))
+        return whole if runner is self.dense else whole / 1.2
+
+
+def test_a_speedup_measured_out_of_reach_with_everything_removed_is_refused(tmp_path, monkeypatch):
+    from spc import speedup
+    from spc.errors import SpcError
+
+    monkeypatch.setattr(speedup, "_measurer", lambda *args: _StuckInModel())
+    model = from_proto(testing.mlp(d_in=32, hidden=64, d_out=16, batch=4))
+    said = []
+    with pytest.raises(SpcError, match=r"2x is out of reach on x86: measured 1\.20x with every removable channel gone "
+                                       r"\(predicted [3-9]\.\d\dx.*ask for at most 1\.2"):
+        speedup.prune_for_speedup(model, 2.0, "x86", criterion="l1", cache_dir=tmp_path, dim_values={"batch": 4},
+                                  progress=said.append)
+    assert sum("compiling and timing the pruned model" in line for line in said) >= 2  # it tried before refusing
+    result = speedup.prune_for_speedup(model, 2.0, "x86", criterion="l1", cache_dir=tmp_path,
+                                       dim_values={"batch": 4}, beyond_reach=True)
+    assert result.report["result"]["measured_speedup"] == pytest.approx(1.2)  # asked for: pruned as far as it goes
+
+
 class _LoadedFirst(_OverheadBound):
     """Layers timed while another job held the core: the first round of timings says each layer takes the whole
     model's second; timed again they take microseconds."""
