@@ -228,7 +228,7 @@ def compile_model(
             notes.append(f"sparsity {sparsity} not applied: target {spec.name} has no block-sparse kernels")
             say(f"{spec.name}: no block-sparse kernels, sparsity ignored")
         else:
-            from .lower import index_onnx_weights, sparsity_plan
+            from .layer_records import index_onnx_weights, sparsity_plan
 
             # only layers whose block-sparse kernel is predicted to pay lose weights
             plan = sparsity_plan(_import(model, spec), index_onnx_weights(model), spec, block, 1.0 - sparsity)
@@ -250,7 +250,9 @@ def compile_model(
     mod = _import(folded_model, spec)
     records = []
     if spec.is_cpu:
-        from .lower import Lowering, cpu_pipeline, index_onnx_weights, rewrite
+        from .glue_schedule import cpu_pipeline
+        from .layer_records import index_onnx_weights
+        from .lower import Lowering, rewrite
 
         lowering = Lowering(
             spec,
@@ -269,7 +271,7 @@ def compile_model(
         say(f"lowered {len(records)} weight layers: {n_bsr} block-sparse, {len(records) - n_bsr} dense/other")
         pipeline = cpu_pipeline(spec)
     else:
-        from .lower import describe, index_onnx_weights
+        from .layer_records import describe, index_onnx_weights
 
         records = describe(mod, index_onnx_weights(folded_model), "TVM's default (dlight) schedule for this target")
         pipeline = "default"

@@ -1,0 +1,105 @@
+"""Which bias adds and ReLUs follow a constant-weight matmul or convolution closely enough to be fused into its
+kernel's epilogue (``_Plan``), and the bias as one value per output channel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax
+
+from .relax_util import OP_ADD, OP_MATMUL, OP_RELU, _const_array, _is_weight_call, _shape, _static
+
+@dataclass
+class _Chain:
+    base: relax.Call  # matmul or conv2d with a constant weight
+    bias: np.ndarray | None
+    act: str | None
+    fused: list[str]
+
+
+class _Plan:
+    """Bindings of the main function, use counts and the bias/ReLU chains to fuse into weight kernels."""
+
+    def __init__(self, func: relax.Function):
+        self.value: dict = {}
+        self.uses: dict = {}
+        bindings = []
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if isinstance(binding, relax.VarBinding):
+                    self.value[binding.var] = binding.value
+                    bindings.append(binding)
+                for var in relax.analysis.free_vars(binding.value):
+                    self.uses[var] = self.uses.get(var, 0) + 1
+        for var in relax.analysis.free_vars(func.body.body):
+            self.uses[var] = self.uses.get(var, 0) + 1
+        self.chains: dict = {}  # root call -> _Chain
+        absorbed: set = set()
+        for binding in reversed(bindings):
+            if binding.var in absorbed:
+                continue
+            chain, inner = self._match(binding.value)
+            if chain is not None:
+                self.chains[binding.value] = chain
+                absorbed.update(inner)
+        # calls computed inside a fused chain: left as they are (dead after the rewrite, removed by DCE)
+        self.absorbed = {self.value[var] for var in absorbed if var in self.value}
+
+    def _single(self, var) -> relax.Call | None:
+        if isinstance(var, relax.Var) and self.uses.get(var, 0) == 1:
+            value = self.value.get(var)
+            if isinstance(value, relax.Call):
+                return value
+        return None
+
+    def _match(self, call):
+        if not isinstance(call, relax.Call):
+            return None, ()
+        inner = []
+        act = None
+        if call.op.same_as(OP_RELU):
+            producer = self._single(call.args[0])
+            if producer is None:
+                return None, ()
+            inner.append(call.args[0])
+            act = "relu"
+            call = producer
+        bias = None
+        if call.op.same_as(OP_ADD):
+            for base_arg, bias_arg in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                producer = self._single(base_arg)
+                b = _const_array(bias_arg)
+                if producer is not None and b is not None and _is_weight_call(producer):
+                    vec = _bias_vector(producer, b)
+                    if vec is not None:
+                        inner.append(base_arg)
+                        bias = vec
+                        call = producer
+                        break
+            else:
+                return None, ()
+        if not _is_weight_call(call) or (bias is None and act is None):
+            return None, ()
+        fused = (["bias"] if bias is not None else []) + (["relu"] if act else [])
+        return _Chain(call, bias, act, fused), inner
+
+
+def _bias_vector(base: relax.Call, b: np.ndarray) -> np.ndarray | None:
+    """The per-output bias vector if ``b`` broadcasts along the output channel only."""
+    if b.dtype != np.float32:
+        return None
+    out_shape = _shape(base)
+    if out_shape is None or b.ndim > len(out_shape):
+        return None
+    if base.op.same_as(OP_MATMUL):
+        n = _static(out_shape[-1])
+        if n is None or (b.shape and b.shape[-1] != n) or any(d != 1 for d in b.shape[:-1]):
+            return None
+        return np.broadcast_to(b.reshape(-1) if b.size == n else b.reshape(-1)[:1], (n,)).astype(np.float32)
+    # conv2d NCHW: [Co, 1, 1] or [1, Co, 1, 1]
+    co = _static(out_shape[1])
+    full = (1,) * (4 - b.ndim) + tuple(b.shape)
+    if co is None or full[0] != 1 or full[2] != 1 or full[3] != 1 or full[1] not in (1, co):
+        return None
+    return np.broadcast_to(b.reshape(-1), (co,)).astype(np.float32).copy()

@@ -1,0 +1,112 @@
+"""The Relax pipeline for CPU targets after ``lower.rewrite``: legalize, fuse, and schedule the glue operators
+(element-wise, reductions, layout) that spc's kernels leave to TVM."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from .registry import TargetSpec
+
+def _glue_rules(lanes: int):
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+    class Safe(dl.ScheduleRule):
+        """Run a rule; a rule that fails on an unusual function leaves it to the next rule."""
+
+        def __init__(self, rule):
+            self.rule = rule
+
+        def apply(self, func, target, tunable):
+            try:
+                return self.rule.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - fall through to the next rule
+                return None
+
+    class Glue(dl.ScheduleRule):
+        """Injective and reduction glue: inline spatial producers, parallelise the outer spatial loops, vectorise
+        the innermost spatial loop when its extent is static."""
+
+        def apply(self, func, target, tunable):
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            infos = try_inline_contiguous_spatial(sch, infos)
+            changed = False
+            for info in infos:
+                changed |= self._block(sch, info)
+            return sch if changed else None
+
+        def _block(self, sch, info) -> bool:
+            kinds = info.dom_kind()
+            n_spatial = len(kinds) - len(kinds.lstrip("S"))
+            if n_spatial == 0:
+                return False
+            loops = sch.get_loops(info.block_rv)
+            if len(loops) != len(kinds):
+                return False
+            spatial = list(loops[:n_spatial])
+            extents = [_static_extent(sch, lp) for lp in spatial]
+            total = None if any(e is None for e in extents) else int(np.prod(extents))
+            if info.is_injective() and extents[-1] is not None and extents[-1] % lanes == 0 and len(spatial) >= 1:
+                outer, inner = sch.split(spatial[-1], factors=[None, lanes])
+                sch.vectorize(inner)
+                spatial[-1] = outer
+            if total is not None and total * max(1, _reduce_extent(sch, loops[n_spatial:])) < 16384:
+                return True  # too small to pay for a parallel launch
+            fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            sch.parallel(fused)
+            return True
+
+    def _static_extent(sch, loop):
+        ext = sch.get(loop).extent
+        return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+    def _reduce_extent(sch, loops):
+        out = 1
+        for lp in loops:
+            e = _static_extent(sch, lp)
+            out *= e if e is not None else 64
+        return out
+
+    return [Safe(dl.cpu.Reduction()), Safe(Glue())]
+
+
+def cpu_pipeline(spec: TargetSpec):
+    """The Relax pipeline for CPU targets (after ``rewrite``): legalize, fuse, schedule the glue, lower."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight as dl
+
+    target = spec.tvm()
+    lanes = spec.vector_lanes
+
+    @tvm.transform.module_pass(opt_level=0, name="SpcCpuPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                [
+                    relax.transform.DecomposeOpsForInference(),
+                    relax.transform.CanonicalizeBindings(),
+                    # exp/erf/tanh/softmax as vectorisable polynomials (max rel. error 3e-7) instead of libm calls
+                    relax.transform.FastMathTransform(),
+                    *cpu_generic.library_dispatch_passes(target),
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    dl.ApplyDefaultSchedule(*_glue_rules(lanes)),
+                    *cpu_generic.dataflow_lower_passes(target),
+                    *cpu_generic.finalize_passes(target),
+                ]
+            )
+            return seq(mod)
+
+    return _pipeline

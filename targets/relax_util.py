@@ -1,0 +1,73 @@
+"""Reading Relax expressions: the operators spc rewrites, static dimensions, shapes, dtypes and constant weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+_OP = tvm.ir.Op.get
+OP_MATMUL = _OP("relax.matmul")
+OP_CONV2D = _OP("relax.nn.conv2d")
+OP_ADD = _OP("relax.add")
+OP_RELU = _OP("relax.nn.relu")
+OP_LAYER_NORM = _OP("relax.nn.layer_norm")
+OP_SOFTMAX = _OP("relax.nn.softmax")
+
+OPAQUE = 8  # relay/relax OpPatternKind.kOpaque: FuseOps leaves spc's kernels alone
+
+
+def _static(dim) -> int | None:
+    return int(dim.value) if isinstance(dim, tirx.IntImm) else None
+
+
+def _shape(expr) -> list | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
+        return None
+    return list(ty.shape.values)
+
+
+def _dtype(expr) -> str | None:
+    ty = expr.ty
+    return ty.dtype if isinstance(ty, relax.TensorType) else None
+
+
+def _const_array(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.GenericConst):
+        value = expr.value
+        return value.numpy() if hasattr(value, "numpy") else None
+    return None
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def _expr_str(expr) -> str:
+    import re
+
+    return re.sub(r"T\.int64\((-?\d+)\)", r"\1", str(expr))
+
+
+def _cost_dim(dims) -> int:
+    """Rows for the cost model when some dims are symbolic: symbolic dims count as 1 (latency, batch 1)."""
+    out = 1
+    for d in dims:
+        s = _static(d)
+        out *= s if s is not None else 1
+    return out
+
+
+def _is_weight_call(call) -> bool:
+    if not isinstance(call, relax.Call):
+        return False
+    if call.op.same_as(OP_MATMUL):
+        w = call.args[1]
+        return isinstance(w, tvm.ir.GenericConst) and len(_shape(w) or []) == 2
+    if call.op.same_as(OP_CONV2D):
+        return isinstance(call.args[1], tvm.ir.GenericConst)
+    return False
