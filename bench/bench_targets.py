@@ -19,6 +19,7 @@ and the trained digits transformer at batch 1 (`digits_transformer`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
     import onnx
     import onnxruntime as ort
 
-    from spc.targets import compile_model, load_bundle, testing
-    from spc.targets import compile as compile_module
+    from spc.targets import compile_model, get_target, load_bundle, testing
 
     exec_modes = args.exec_modes.split(",")
 
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
             name = ("spc dense" if sp == 0 else f"spc {sp:.0%}") + (f" ({mode})" if len(exec_modes) > 1 else "")
             out = tmp / f"{key}-{sp}-{mode}"
             t0 = time.perf_counter()
-            compile_module.EXEC_MODE = mode  # module setting read by compile_model: not an option users need
-            manifest = compile_model(model, "x86", out, sparsity=sp, block=(4, 1), input_shapes=shapes)
+            target = dataclasses.replace(get_target("x86"), vm_exec_mode=mode)
+            manifest = compile_model(model, target, out, sparsity=sp, block=(4, 1), input_shapes=shapes)
             bundle = load_bundle(out)
             ref_sess = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
             ref = ref_sess.run(None, x)[0]

@@ -30,10 +30,6 @@ MODEL = "model.onnx"
 MANIFEST = "manifest.json"
 CUDA_SOURCE = "model.cu"
 _OWN_FILES = (LIBRARY, MODEL, MANIFEST, CUDA_SOURCE)
-# The VM's instruction list compiled to a host function rather than interpreted: the same kernels, less time between
-# them (a small model runs ~60 instructions: the digits transformer 1.30x faster at batch 1, the digits CNN within
-# noise, millisecond models unchanged; bench/README.md).
-EXEC_MODE = "compiled"
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -162,7 +158,7 @@ def _type_info(ty) -> list[dict]:
 
 def compile_model(
     model: onnx.ModelProto,
-    target: str,
+    target: str | TargetSpec,
     out_dir: str | Path,
     *,
     sparsity: float | dict[str, float] = 0.0,
@@ -281,7 +277,7 @@ def compile_model(
 
     say(f"compiling with TVM {tvm.__version__} for {spec.tvm_target}")
     try:
-        ex = relax.build(mod, target=spec.tvm(), relax_pipeline=pipeline, exec_mode=EXEC_MODE)
+        ex = relax.build(mod, target=spec.tvm(), relax_pipeline=pipeline, exec_mode=spec.vm_exec_mode)
     except Exception as exc:  # noqa: BLE001 - TVM raises many types
         op = _op_in_error(exc)
         what = f"op {op}" if op else "the model"

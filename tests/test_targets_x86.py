@@ -114,6 +114,23 @@ def test_encoder_dynamic_batch_sparse(built):
         _check_against_ort(out, manifest, batch=batch)
 
 
+def test_both_vm_modes_give_the_same_outputs(tmp_path):
+    """The CPU targets compile the VM's instructions to host code; the interpreted form (cuda's) computes the same,
+    dynamic batch included."""
+    import dataclasses
+
+    model = testing.encoder(d_model=64, heads=4, ffn=128, layers=1, seq=8, batch=1)
+    assert X86.vm_exec_mode == "compiled" and get_target("cuda").vm_exec_mode == "bytecode"
+    outputs = []
+    for mode in ("compiled", "bytecode"):
+        compile_model(model, dataclasses.replace(X86, vm_exec_mode=mode), tmp_path / mode)
+        compiled = b"__vmtir__main" in (tmp_path / mode / "model.so").read_bytes()  # the VM's host function
+        assert compiled == (mode == "compiled")
+        x = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
+        outputs.append(load_bundle(tmp_path / mode).run({"input": x})["output"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_layers_where_bsr_does_not_pay_stay_dense(tmp_path):
     """Dynamic batch, no input_shapes: the cost model assumes one row, where the token-vectorised BSR kernel loses,
     so the weights are not sparsified (no accuracy lost for nothing) and the layers compile dense."""
