@@ -24,7 +24,10 @@ from spc.analysis import Analysis
 
 from .base import PassContext
 from .calibration import collect_moments, iterate_tensors, sampled_rows
-from .obspa import Moments, ObspaImportance, _Editor, _limit_threads, damping
+from .obs_algebra import damping
+from .obs_editor import WeightEditor
+from .obs_sweep import limit_blas_threads
+from .obspa import Moments, ObspaImportance
 
 MAX_SAMPLES = 512
 MAX_POSITIONS = 64  # spatial positions per sample that enter the moments (a random, seeded subset)
@@ -67,7 +70,7 @@ class ObsImportance(ObspaImportance):
         order = {node.name: index for index, node in enumerate(analysis.graph.nodes)}
         todo = [c for c in self.consumers if plan.removed[c.labels].any() and not plan.removed[c.labels].all()]
         todo.sort(key=lambda c: order.get(c.layer.node, 0))
-        editor = _Editor(analysis, pruned, plan.removed)
+        editor = WeightEditor(analysis, pruned, plan.removed)
         feeds = context.calibration
         limit = min(self.sequential_samples, len(next(iter(feeds.values()))))
         dense_rows = self._rows(analysis.model, feeds, [c.key for c in todo], limit)
@@ -95,7 +98,7 @@ class ObsImportance(ObspaImportance):
             cov = second - np.outer(mean, mean)
             gram[:k, :k] -= alpha * (cov - np.diag(np.diag(cov)))
             gram[np.arange(k), np.arange(k)] += damping(mean, second, self.damp)
-            with _limit_threads():
+            with limit_blas_threads():
                 from scipy.linalg import cho_factor, cho_solve
 
                 solution = start + cho_solve(cho_factor(gram, lower=True, check_finite=False), residual,

@@ -12,7 +12,9 @@ from onnx import numpy_helper
 from spc.passes.calibration import collect_moments
 from spc.passes.moments import MomentOptions, estimate_moments
 from spc.passes.obs import ObsImportance
-from spc.passes.obspa import ObspaImportance, compensation, greedy_costs, removal_cost
+from spc.passes.obs_algebra import compensation, removal_cost
+from spc.passes.obs_sweep import greedy_costs
+from spc.passes.obspa import ObspaImportance
 
 import spc
 from spc import passes
@@ -59,7 +61,7 @@ def test_greedy_single_step_cost_is_the_obs_saliency():
     x = _samples(rng, 400, 6)
     w = rng.standard_normal((3, 6))
     mean, second = x.mean(axis=0), x.T @ x / len(x)
-    from spc.passes.obspa import Consumer
+    from spc.passes.obs_consumers import Consumer
 
     consumer = Consumer(None, w, np.arange(6), np.zeros(3, dtype=int), np.ones(3), (mean, second))
     costs = greedy_costs([consumer], [np.arange(6)], 6, damp=0.0)
@@ -111,7 +113,8 @@ def test_sweep_of_a_wide_consumer_holds_two_matrices():
     import tracemalloc
 
     from spc.passes.moments import Gauss, _second
-    from spc.passes.obspa import Consumer, _Sweep
+    from spc.passes.obs_consumers import Consumer
+    from spc.passes.obs_sweep import _Sweep
 
     rng = np.random.default_rng(2)
     n = 2048  # blocks of 512 rows are a quarter of an n x n matrix
