@@ -9,7 +9,6 @@ from spc.analysis.rules.base import LinearLayer
 from spc.weights import loaded
 
 
-
 class Consumer:
     """One layer that consumes prunable channels, with its weight as a [rows, n] matrix. ``matrix`` may be given as
     a function that reads it: then it is read (and converted to float64) on each use and never held, so scoring a

@@ -12,7 +12,6 @@ from spc.rewrite import unique_name
 from spc.weights import read, store
 from spc.weights import is_external as weights_on_disk
 
-
 from .obs_consumers import Consumer, matrix_to_weight
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-
 from .obs_algebra import augmented, compact, damping, scaled_gram, spd_inverse, subtract_product
 from .obs_consumers import Consumer
 
