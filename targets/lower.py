@@ -17,8 +17,8 @@ from . import cost, kernels
 from .fusion import _Plan
 from .layer_records import LayerRecord, weight_key
 from .registry import TargetSpec
-from .relax_util import (OP_LAYER_NORM, OP_MATMUL, OP_SOFTMAX, OPAQUE, _const_array, _cost_dim, _dtype, _expr_str,
-                         _is_weight_call, _prod, _shape, _static)
+from .relax_util import (OP_LAYER_NORM, OP_MATMUL, OP_MAX_POOL, OP_SOFTMAX, OPAQUE, _const_array, _cost_dim, _dtype,
+                         _expr_str, _is_weight_call, _prod, _shape, _static)
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
@@ -46,6 +46,10 @@ class _Rewriter(relax.PyExprMutator):
                     return out
             if call.op.same_as(OP_LAYER_NORM) or call.op.same_as(OP_SOFTMAX):
                 out = self.lowering.lower_row_norm(self, call)
+                if out is not None:
+                    return out
+            if call.op.same_as(OP_MAX_POOL):
+                out = self.lowering.lower_max_pool(self, call)
                 if out is not None:
                     return out
         except _Skip:
@@ -273,6 +277,23 @@ class Lowering:
         x = mutator.builder_.emit(relax.op.reshape(mutator.visit_expr(x_orig), [rows_dim, d]))
         y = mutator.builder_.emit(self._call(mutator, kern, x, [rows_dim, d]))
         return relax.op.reshape(y, shape)
+
+    def lower_max_pool(self, mutator, call):
+        """NCHW max pooling with a static image size, no dilation, floor mode and pads smaller than the window."""
+        x_orig, attrs = call.args[0], call.attrs
+        shape = _shape(x_orig)
+        if shape is None or len(shape) != 4 or _dtype(x_orig) != "float32":
+            return None
+        c, h, w = (_static(d) for d in shape[1:])
+        kernel, stride = tuple(int(v) for v in attrs.pool_size), tuple(int(v) for v in attrs.strides)
+        pads = tuple(int(v) for v in attrs.padding)
+        if (None in (c, h, w) or str(attrs.layout) != "NCHW" or str(attrs.out_layout) != "NCHW" or attrs.ceil_mode
+                or tuple(int(v) for v in attrs.dilation) != (1, 1) or len(pads) != 4
+                or max(pads[0], pads[2]) >= kernel[0] or max(pads[1], pads[3]) >= kernel[1]):
+            return None
+        kern = kernels.max_pool2d(self._name("maxpool"), c, h, w, kernel, stride, pads, _static(shape[0]))
+        out_shape = _shape(call)
+        return self._call(mutator, kern, mutator.visit_expr(x_orig), out_shape)
 
     # -- activation x activation matmul ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ OP_ADD = _OP("relax.add")
 OP_RELU = _OP("relax.nn.relu")
 OP_LAYER_NORM = _OP("relax.nn.layer_norm")
 OP_SOFTMAX = _OP("relax.nn.softmax")
+OP_MAX_POOL = _OP("relax.nn.max_pool2d")
 
 OPAQUE = 8  # relay/relax OpPatternKind.kOpaque: FuseOps leaves spc's kernels alone
 

@@ -320,3 +320,20 @@ def test_layer_norm_and_softmax(d, rows_static):
     kern = kernels.softmax("sm_t", d, PARAMS, rows_static)
     e = np.exp(x - x.max(-1, keepdims=True))
     np.testing.assert_allclose(_run(_build(kern), kern, [x], x.shape), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [
+    dict(c=8, h=112, w=112, kernel=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)),  # ResNet's pool
+    dict(c=5, h=7, w=9, kernel=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)),  # odd sizes: the last window is cut
+    dict(c=3, h=8, w=8, kernel=(2, 2), stride=(2, 2), pads=(0, 0, 0, 0)),
+    dict(c=4, h=10, w=11, kernel=(3, 2), stride=(1, 2), pads=(1, 0, 1, 1)),  # asymmetric window, stride, pads
+])
+@pytest.mark.parametrize("n_static", [None, 3])
+def test_max_pool2d_matches_torch(case, n_static):
+    torch = pytest.importorskip("torch")
+    kern = kernels.max_pool2d("pool_t", **case, n_static=n_static)
+    x = np.random.default_rng(5).standard_normal((3, case["c"], case["h"], case["w"])).astype(np.float32)
+    top, left, bottom, right = case["pads"]
+    padded = torch.nn.functional.pad(torch.tensor(x), (left, right, top, bottom), value=-np.inf)
+    ref = torch.nn.functional.max_pool2d(padded, case["kernel"], case["stride"]).numpy()
+    np.testing.assert_array_equal(_run(_build(kern), kern, [x], ref.shape), ref)

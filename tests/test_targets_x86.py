@@ -62,6 +62,8 @@ def _check_against_ort(out, manifest, batch: int = 2):
 def test_bundle_matches_onnxruntime(built, name, sparsity):
     out, manifest = built(name, sparsity)
     _check_against_ort(out, manifest)
+    if name == "cnn":  # its max-pool runs spc's kernel (kernels/pool.py), symbolic batch here
+        assert b"spc_maxpool" in (out / "model.so").read_bytes()
     layers = manifest["layers"]
     assert layers and all(layer["kernel"] in ("dense", "bsr") for layer in layers)
     if sparsity == 0:
