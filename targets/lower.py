@@ -178,6 +178,8 @@ class Lowering:
         reason = None
         if w.dtype != np.float32 or _dtype(x_orig) != "float32" or _dtype(call) != "float32":
             reason = "dtype is not float32"
+        elif self._is_depthwise(call, w, x_shape):
+            return self._lower_depthwise(mutator, call, w, bias, act, fused)
         elif int(attrs.groups) != 1:
             reason = f"groups={int(attrs.groups)} (grouped/depthwise convolutions use TVM's schedule)"
         elif (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
@@ -229,6 +231,31 @@ class Lowering:
             fused=fused,
         )
         return relax.op.reshape(y, [n_dim, geom.c_out, geom.oh, geom.ow])
+
+    @staticmethod
+    def _is_depthwise(call, w: np.ndarray, x_shape) -> bool:
+        """One input channel per output channel, NCHW, static channels and image size."""
+        attrs = call.attrs
+        dims = [_static(d) for d in x_shape[1:]]
+        return (None not in dims and int(attrs.groups) == dims[0] == w.shape[0] and w.shape[1] == 1
+                and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") == ("NCHW", "OIHW", "NCHW"))
+
+    def _lower_depthwise(self, mutator, call, w, bias, act, fused):
+        x_orig, attrs = call.args[0], call.attrs
+        x_shape = _shape(x_orig)
+        c, h, wd = (_static(d) for d in x_shape[1:])
+        pads = [int(p) for p in attrs.padding]
+        pads = pads * 2 if len(pads) == 2 else pads
+        kern = kernels.depthwise_conv2d(
+            self._name("dwconv"), c, h, wd, w, tuple(int(s) for s in attrs.strides), tuple(pads),
+            tuple(int(d) for d in attrs.dilation), bias, act, self.params, _static(x_shape[0]))
+        w_out_in = np.ascontiguousarray(w.reshape(w.shape[0], -1))
+        node, weight = self._identify(w_out_in)
+        out_shape = _shape(call)
+        self._record(op="Conv", node=node, weight=weight, shape=[c, int(w_out_in.shape[1])],
+                     rows=int(np.prod([_static(d) for d in out_shape[2:]])), kernel="dense", block=None, density=1.0,
+                     expected_speedup=1.0, fused=fused)
+        return self._call(mutator, kern, mutator.visit_expr(x_orig), out_shape)
 
     def _record_tvm(self, op: str, w_out_in: np.ndarray, reason: str) -> None:
         node, weight = self._identify(w_out_in) if w_out_in.ndim == 2 else (None, None)

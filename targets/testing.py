@@ -123,6 +123,41 @@ def resnet18(size: int = 224, classes: int = 1000, batch: int = 1, static_batch:
     return _export(net, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
 
 
+def mobile(channels: int = 16, size: int = 32, classes: int = 10, batch: int = 2, static_batch: bool = False,
+           seed=0):
+    """MobileNetV2-style: conv3x3/2 -> BN -> ReLU6 -> [1x1 expand x4 -> ReLU6 -> depthwise 3x3 (stride 1, then 2)
+    -> ReLU6 -> 1x1 project] twice, the first with its residual -> avgpool -> fc: the depthwise convolutions that
+    MobileNet-class models spend much of their time in."""
+    import torch
+    from torch import nn
+
+    _seed(seed)
+
+    def conv_bn(cin, cout, kernel, stride=1, groups=1, act=True):
+        bn = nn.BatchNorm2d(cout)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), bn]
+        return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+    class Block(nn.Module):
+        def __init__(self, c, stride):
+            super().__init__()
+            hidden = 4 * c
+            self.body = nn.Sequential(conv_bn(c, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                      conv_bn(hidden, c, 1, act=False))
+            self.residual = stride == 1
+
+        def forward(self, x):
+            return x + self.body(x) if self.residual else self.body(x)
+
+    c = channels
+    model = nn.Sequential(conv_bn(3, c, 3, 2), Block(c, 1), Block(c, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(c, classes))
+    return _export(model, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+
+
 def encoder(
     d_model: int = 256,
     heads: int = 4,

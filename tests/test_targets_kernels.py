@@ -337,3 +337,31 @@ def test_max_pool2d_matches_torch(case, n_static):
     padded = torch.nn.functional.pad(torch.tensor(x), (left, right, top, bottom), value=-np.inf)
     ref = torch.nn.functional.max_pool2d(padded, case["kernel"], case["stride"]).numpy()
     np.testing.assert_array_equal(_run(_build(kern), kern, [x], ref.shape), ref)
+
+
+@pytest.mark.parametrize("case", [
+    dict(c=6, h=12, w=19, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1)),  # a 16-lane + 3 tail
+    dict(c=5, h=15, w=17, kernel=(5, 5), stride=(2, 2), pads=(2, 1, 2, 3), dilation=(1, 1)),  # asymmetric pads
+    dict(c=4, h=7, w=7, kernel=(3, 3), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(2, 2)),
+    dict(c=3, h=9, w=20, kernel=(3, 1), stride=(1, 2), pads=(0, 0, 0, 0), dilation=(1, 1)),
+])
+@pytest.mark.parametrize("n_static", [None, 2])
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    with_bias, act = epilogue
+    c, (kh, kw) = case["c"], case["kernel"]
+    weight = rng.standard_normal((c, 1, kh, kw)).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32) if with_bias else None
+    kern = kernels.depthwise_conv2d("dw_t", c, case["h"], case["w"], weight, case["stride"], case["pads"],
+                                    case["dilation"], bias, act, PARAMS, n_static=n_static)
+    x = rng.standard_normal((2, c, case["h"], case["w"])).astype(np.float32)
+    top, left, bottom, right = case["pads"]
+    padded = torch.nn.functional.pad(torch.tensor(x), (left, right, top, bottom))
+    ref = torch.nn.functional.conv2d(padded, torch.tensor(weight), None if bias is None else torch.tensor(bias),
+                                     case["stride"], 0, case["dilation"], groups=c)
+    if act == "relu":
+        ref = torch.relu(ref)
+    ref = ref.numpy()
+    np.testing.assert_allclose(_run(_build(kern), kern, [x], ref.shape), ref, rtol=1e-5, atol=1e-5)

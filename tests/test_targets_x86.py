@@ -79,6 +79,18 @@ def test_bundle_matches_onnxruntime(built, name, sparsity):
         assert manifest["sparsify"]["target_sparsity"] == 0.8
 
 
+def test_depthwise_convolutions_run_spcs_kernel(tmp_path):
+    """A MobileNetV2-style model (depthwise 3x3 at stride 1 and 2, BatchNorm folded, ReLU6, a residual): outputs as
+    ONNX Runtime's, every convolution on spc's kernels, the depthwise ones with their bias fused."""
+    manifest = compile_model(testing.mobile(channels=8, size=20), "x86", tmp_path)
+    _check_against_ort(tmp_path, manifest, batch=3)
+    assert b"spc_dwconv" in (tmp_path / "model.so").read_bytes()
+    layers = manifest["layers"]
+    depthwise = [layer for layer in layers if layer["shape"][1] == 9]
+    assert len(layers) == 8 and len(depthwise) == 2
+    assert all(layer["kernel"] == "dense" and layer["fused"] == ["bias"] for layer in depthwise)
+
+
 def test_bundle_layout_and_manifest(built):
     out, manifest = built("mlp", 0.8)
     files = sorted(p.name for p in out.iterdir())
