@@ -1,5 +1,5 @@
-"""Which bias adds and ReLUs follow a constant-weight matmul or convolution closely enough to be fused into its
-kernel's epilogue (``_Plan``), and the bias as one value per output channel."""
+"""Which bias adds and ReLUs (or clips: ReLU6) follow a constant-weight matmul or convolution closely enough to be
+fused into its kernel's epilogue (``_Plan``), and the bias as one value per output channel."""
 
 from __future__ import annotations
 
@@ -8,13 +8,25 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import relax
 
-from .relax_util import OP_ADD, OP_MATMUL, OP_RELU, _const_array, _is_weight_call, _shape, _static
+from .kernels.source import Clip
+from .relax_util import (
+    OP_ADD,
+    OP_CALL_TIR,
+    OP_MATMUL,
+    OP_RELU,
+    OP_WHERE,
+    _const_array,
+    _is_weight_call,
+    _shape,
+    _static,
+)
+
 
 @dataclass
 class _Chain:
     base: relax.Call  # matmul or conv2d with a constant weight
     bias: np.ndarray | None
-    act: str | None
+    act: str | Clip | None
     fused: list[str]
 
 
@@ -58,7 +70,11 @@ class _Plan:
             return None, ()
         inner = []
         act = None
-        if call.op.same_as(OP_RELU):
+        clip = self._clip(call)
+        if clip is not None:
+            act, call, absorbed = clip
+            inner.extend(absorbed)
+        elif call.op.same_as(OP_RELU):
             producer = self._single(call.args[0])
             if producer is None:
                 return None, ()
@@ -81,8 +97,39 @@ class _Plan:
                 return None, ()
         if not _is_weight_call(call) or (bias is None and act is None):
             return None, ()
-        fused = (["bias"] if bias is not None else []) + (["relu"] if act else [])
+        fused = (["bias"] if bias is not None else []) + ([str(act)] if act else [])
         return _Chain(call, bias, act, fused), inner
+
+    def _clip(self, call):
+        """``minimum(maximum(x, lo), hi)``, as TVM's ONNX importer writes a Clip with constant bounds (calls of its
+        ``maximum``/``minimum`` PrimFuncs): (Clip(lo, hi), x's producer, the vars it absorbs), or None."""
+        upper = _scalar_call_tir(call, "minimum", self.value)
+        lower_call = self._single(upper[1]) if upper else None
+        lower = _scalar_call_tir(lower_call, "maximum", self.value) if lower_call is not None else None
+        producer = self._single(lower[1]) if lower else None
+        if producer is None:
+            return None
+        return Clip(lower[0], upper[0]), producer, [upper[1], lower[1]]
+
+
+def _scalar_call_tir(call, name: str, value: dict):
+    """(c, x) for ``call_tir(<name>N, (x, c))`` with c a finite float32 scalar: a constant, or the
+    ``where(isnan(c), +-inf, c)`` the ONNX importer binds it to; else None."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(OP_CALL_TIR) or len(call.args) < 2:
+        return None
+    func, args = call.args[0], call.args[1]
+    if not isinstance(func, relax.GlobalVar) or func.name_hint.rstrip("0123456789") != name:
+        return None
+    if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+        return None
+    x, bound = args.fields
+    bound = value.get(bound, bound)
+    if isinstance(bound, relax.Call) and bound.op.same_as(OP_WHERE):
+        bound = bound.args[2]
+    c = _const_array(bound)
+    if c is None or c.size != 1 or c.dtype != np.float32 or not np.isfinite(c).all():
+        return None
+    return float(c.reshape(())), x
 
 
 def _bias_vector(base: relax.Call, b: np.ndarray) -> np.ndarray | None:

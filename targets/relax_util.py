@@ -14,6 +14,8 @@ OP_RELU = _OP("relax.nn.relu")
 OP_LAYER_NORM = _OP("relax.nn.layer_norm")
 OP_SOFTMAX = _OP("relax.nn.softmax")
 OP_MAX_POOL = _OP("relax.nn.max_pool2d")
+OP_CALL_TIR = _OP("relax.call_tir")
+OP_WHERE = _OP("relax.where")
 
 OPAQUE = 8  # relay/relax OpPatternKind.kOpaque: FuseOps leaves spc's kernels alone
 

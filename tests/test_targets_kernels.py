@@ -12,6 +12,7 @@ tvm = pytest.importorskip("tvm")
 from spc.passes.sparsify import block_mask, sparsify  # noqa: E402
 from spc.targets import get_target, kernels  # noqa: E402
 from spc.targets.cost import estimate  # noqa: E402
+from spc.targets.kernels.source import Clip  # noqa: E402
 
 SPEC = get_target("x86")
 PARAMS = SPEC.cpu_kernels
@@ -346,7 +347,7 @@ def test_max_pool2d_matches_torch(case, n_static):
     dict(c=3, h=9, w=20, kernel=(3, 1), stride=(1, 2), pads=(0, 0, 0, 0), dilation=(1, 1)),
 ])
 @pytest.mark.parametrize("n_static", [None, 2])
-@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu"), (True, Clip(-0.5, 0.5))])
 def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
@@ -363,5 +364,8 @@ def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
                                      case["stride"], 0, case["dilation"], groups=c)
     if act == "relu":
         ref = torch.relu(ref)
+    elif act is not None:  # a clip both of whose bounds cut (ReLU6 is Clip(0, 6))
+        assert (ref < act.lo).any() and (ref > act.hi).any()
+        ref = ref.clamp(act.lo, act.hi)
     ref = ref.numpy()
     np.testing.assert_allclose(_run(_build(kern), kern, [x], ref.shape), ref, rtol=1e-5, atol=1e-5)

@@ -81,14 +81,17 @@ def test_bundle_matches_onnxruntime(built, name, sparsity):
 
 def test_depthwise_convolutions_run_spcs_kernel(tmp_path):
     """A MobileNetV2-style model (depthwise 3x3 at stride 1 and 2, BatchNorm folded, ReLU6, a residual): outputs as
-    ONNX Runtime's, every convolution on spc's kernels, the depthwise ones with their bias fused."""
+    ONNX Runtime's, every convolution on spc's kernels with its bias and ReLU6 (ONNX Clip(0, 6)) fused."""
     manifest = compile_model(testing.mobile(channels=8, size=20), "x86", tmp_path)
     _check_against_ort(tmp_path, manifest, batch=3)
-    assert b"spc_dwconv" in (tmp_path / "model.so").read_bytes()
+    library = (tmp_path / "model.so").read_bytes()
+    assert b"spc_dwconv" in library
+    assert b"maximum" not in library and b"minimum" not in library  # no clip left outside a kernel
     layers = manifest["layers"]
-    depthwise = [layer for layer in layers if layer["shape"][1] == 9]
-    assert len(layers) == 8 and len(depthwise) == 2
-    assert all(layer["kernel"] == "dense" and layer["fused"] == ["bias"] for layer in depthwise)
+    assert [layer["shape"][1] for layer in layers] == [27, 8, 9, 32, 8, 9, 32, 8]  # stem, 2 x (expand, dw, project), fc
+    assert all(layer["kernel"] == "dense" for layer in layers)
+    relu6 = ["bias", "clip(0,6)"]
+    assert [layer["fused"] for layer in layers] == [relu6] + [relu6, relu6, ["bias"]] * 2 + [["bias"]]
 
 
 def test_bundle_layout_and_manifest(built):

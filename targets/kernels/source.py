@@ -11,7 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ACTIVATIONS = (None, "relu")
+ACTIVATIONS = (None, "relu")  # and any ``Clip`` (ReLU6 is Clip(0, 6))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A fused clip to [lo, hi] (ONNX Clip with constant bounds: ReLU6 in MobileNet-class models)."""
+
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"clip({self.lo:g},{self.hi:g})"
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,8 @@ def _epilogue(val: str, bias: str | None, act: str | None) -> str:
         val = f"{val} + {bias}"
     if act == "relu":
         val = f"T.max({val}, T.float32(0))"
+    elif isinstance(act, Clip):
+        val = f"T.min(T.max({val}, T.float32({act.lo!r})), T.float32({act.hi!r}))"
     elif act is not None:
         raise ValueError(f"unsupported fused activation {act!r}")
     return val
