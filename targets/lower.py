@@ -57,6 +57,9 @@ class _Rewriter(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
+DEPTHWISE_MAX_ELEMENTS = 1 << 26  # C x H x W: larger depthwise inputs stay with TVM (the kernel copies an image)
+
+
 class _Skip(Exception):
     pass
 
@@ -179,9 +182,12 @@ class Lowering:
         if w.dtype != np.float32 or _dtype(x_orig) != "float32" or _dtype(call) != "float32":
             reason = "dtype is not float32"
         elif self._is_depthwise(call, w, x_shape):
-            return self._lower_depthwise(mutator, call, w, bias, act, fused)
+            elements = int(np.prod([_static(d) for d in x_shape[1:]], dtype=np.int64))
+            if elements < DEPTHWISE_MAX_ELEMENTS:
+                return self._lower_depthwise(mutator, call, w, bias, act, fused)
+            reason = f"depthwise input of {elements} elements per image (spc's kernel takes < {DEPTHWISE_MAX_ELEMENTS})"
         elif int(attrs.groups) != 1:
-            reason = f"groups={int(attrs.groups)} (grouped/depthwise convolutions use TVM's schedule)"
+            reason = f"groups={int(attrs.groups)} (grouped convolutions other than depthwise use TVM's schedule)"
         elif (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
             reason = "layout is not NCHW/OIHW"
         elif any(_static(d) is None for d in x_shape[1:]):

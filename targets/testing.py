@@ -158,6 +158,62 @@ def mobile(channels: int = 16, size: int = 32, classes: int = 10, batch: int = 2
     return _export(model, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
 
 
+def mobilenet_v2_module():
+    """MobileNetV2 as a torch module in torchvision's layout (its state-dict keys, so torchvision's ImageNet weights
+    load into it): a 3x3/2 stem, 17 inverted residual blocks, a 1x1 head to 1280 channels, global average pooling
+    and a linear classifier."""
+    from torch import nn
+
+    def conv_bn_relu(cin, cout, kernel=3, stride=1, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            hidden = cin * expand
+            layers = [conv_bn_relu(cin, hidden, 1)] if expand != 1 else []
+            layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
+                       nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks, cin = [conv_bn_relu(3, 32, 3, 2)], 32
+            for expand, cout, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+                for i in range(repeats):
+                    blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                    cin = cout
+            blocks.append(conv_bn_relu(cin, 1280, 1))
+            self.features = nn.Sequential(*blocks)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    return MobileNetV2()
+
+
+def mobilenet_v2(size: int = 224, batch: int = 1, static_batch: bool = False, seed=0):
+    """MobileNetV2 (``mobilenet_v2_module``) with random weights and BatchNorm statistics, exported: depthwise
+    convolutions, ReLU6 and linear bottlenecks, for latency (its accuracy needs the real weights; bench_obspa)."""
+    import torch
+
+    _seed(seed)
+    module = mobilenet_v2_module()
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return _export(module, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+
+
 def encoder(
     d_model: int = 256,
     heads: int = 4,

@@ -94,6 +94,18 @@ def test_depthwise_convolutions_run_spcs_kernel(tmp_path):
     assert [layer["fused"] for layer in layers] == [relu6] + [relu6, relu6, ["bias"]] * 2 + [["bias"]]
 
 
+def test_a_depthwise_input_too_large_for_the_kernel_stays_with_tvm(tmp_path, monkeypatch):
+    from spc.targets import lower
+
+    monkeypatch.setattr(lower, "DEPTHWISE_MAX_ELEMENTS", 100)  # the blocks' 32 x 10 x 10 and 32 x 5 x 5 inputs
+    manifest = compile_model(testing.mobile(channels=8, size=20), "x86", tmp_path)
+    _check_against_ort(tmp_path, manifest)
+    depthwise = [layer for layer in manifest["layers"] if layer["shape"] == [32, 9]]
+    assert [layer["kernel"] for layer in depthwise] == ["tvm", "tvm"]
+    assert all("depthwise" in layer["reason"] for layer in depthwise)
+    assert b"spc_dwconv" not in (tmp_path / "model.so").read_bytes()
+
+
 def test_bundle_layout_and_manifest(built):
     out, manifest = built("mlp", 0.8)
     files = sorted(p.name for p in out.iterdir())

@@ -1,7 +1,7 @@
 """``max_pool2d``: NCHW max pooling as two passes per output row: the max of the window's input rows into one
 contiguous row buffer (vectorised over the width, the padding columns -inf), then the max of each output's window
 columns in that buffer. TVM's legalized pool computes every window element by element: ResNet-18's 3x3/2 pool on
-64x112x112 took 0.947 ms there against 0.298 ms here (one thread, bench/bench_pool.py)."""
+64x112x112 took 0.947 ms there against 0.298 ms here (one thread, bench/bench_kernel_ab.py --rule maxpool)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,141 @@
+"""One of spc's kernel rules against TVM's own lowering of the same op, A/B in one process.
+
+Each model is compiled twice for x86, with the rule on and with it off (the op then goes to TVM's legalized
+schedule, as before the rule existed), and the two bundles are timed round-robin (median of per-round ratios; one
+thread), with ONNX Runtime on the same model beside them. Rules:
+
+* ``maxpool``: max pooling (kernels/pool.py) on a lone 3x3/2 pool of 64x112x112, the 56x56 CNN and ResNet-18;
+* ``depthwise``: depthwise convolutions (kernels/depthwise.py) on MobileNetV2's 17 layer shapes alone and in the
+  whole model (torchvision layout, random weights);
+* ``clip``: ReLU6 (ONNX Clip) fused into the producing kernel's epilogue (fusion.py) on MobileNetV2.
+
+    python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
+    python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# MobileNetV2's depthwise layers: (channels, input size, stride), all 3x3 with padding 1
+MOBILENET_V2_DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
+                          (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1)]
+
+
+def lone_pool():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MaxPool", ["input"], ["output"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "pool",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64, 112, 112])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 64, 56, 56])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def lone_depthwise(channels: int, size: int, stride: int):
+    from spc.targets.measure import LayerSpec
+
+    spec = LayerSpec("conv", 1, size, size, (3, 3), (stride, stride), (1, 1, 1, 1), depthwise=True, bias=True)
+    return spec.model(channels, channels)
+
+
+def per_call(fn, budget: float) -> float:
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < budget:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def rule_switch(rule: str):
+    """(turn the rule on or off, models {title: (build, input shape)})."""
+    from spc.targets import fusion, lower, testing
+
+    if rule == "maxpool":
+        original = lower.Lowering.lower_max_pool
+        off = lambda self, mutator, call: None  # noqa: E731
+        models = {
+            "MaxPool 3x3/2, 64x112x112": (lone_pool, [1, 64, 112, 112]),
+            "CNN 56x56 (2x2 pool), batch 1": (lambda: testing.cnn(channels=64, size=56, batch=1), [1, 3, 56, 56]),
+            "ResNet-18 224x224, batch 1": (lambda: testing.resnet18(size=224, batch=1), [1, 3, 224, 224]),
+        }
+        return (lambda on: setattr(lower.Lowering, "lower_max_pool", original if on else off)), models
+    mobilenet = {"MobileNetV2 224x224, batch 1": (lambda: testing.mobilenet_v2(size=224, batch=1), [1, 3, 224, 224])}
+    if rule == "depthwise":
+        original = lower.Lowering._is_depthwise
+        models = {f"depthwise 3x3/{s}, {c}x{n}x{n}": (lambda c=c, n=n, s=s: lone_depthwise(c, n, s), [1, c, n, n])
+                  for c, n, s in MOBILENET_V2_DEPTHWISE}
+        models.update(mobilenet)
+        off = staticmethod(lambda call, w, x_shape: False)
+        return (lambda on: setattr(lower.Lowering, "_is_depthwise", staticmethod(original) if on else off)), models
+    if rule == "clip":
+        original = fusion._Plan._clip
+        return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
+    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise or clip")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = "1"
+    sys.path.insert(0, str(ROOT))
+    from spc.targets import compile_model, load_bundle
+
+    switch, models = rule_switch(args.rule)
+    tmp = Path(tempfile.mkdtemp(prefix="spc-bench-kernel-ab-"))
+    rows = []
+    for title, (build, shape) in models.items():
+        model = build()
+        name = model.graph.input[0].name
+        x = {name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        timers, outputs = {}, {}
+        for variant in ("TVM", "spc"):
+            switch(variant == "spc")
+            out = tmp / f"{len(rows)}-{variant}"
+            compile_model(model, "x86", out, input_shapes={name: shape})
+            bundle = load_bundle(out)
+            outputs[variant] = next(iter(bundle.run(x).values()))
+            timers[variant] = bundle.timer(x)
+        switch(True)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        timers["ORT"] = lambda session=session: session.run(None, x)
+        ratios, times = [], {v: [] for v in timers}
+        for _ in range(args.rounds):
+            for variant, fn in timers.items():
+                times[variant].append(per_call(fn, args.budget))
+            ratios.append(times["TVM"][-1] / times["spc"][-1])
+        row = {"rule": args.rule, "model": title, "tvm_ms": float(np.median(times["TVM"])) * 1e3,
+               "spc_ms": float(np.median(times["spc"])) * 1e3, "ort_ms": float(np.median(times["ORT"])) * 1e3,
+               "speedup": float(np.median(ratios)),
+               "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
+               "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
+        rows.append(row)
+        print(f"{title}: TVM {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
+              f"[{row['q25']:.2f}-{row['q75']:.2f}], max |diff| {row['max_abs_diff']:.1e}; ONNX Runtime "
+              f"{row['ort_ms']:.3f} ms", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
