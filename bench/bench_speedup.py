@@ -55,6 +55,8 @@ def models():
                 lambda: testing.cnn(channels=64, size=56, batch=1), "input", None),
         "encoder": ("encoder: 2 layers, d=384, 6 heads, FFN 1536, seq 128",
                     lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128, batch=1), "input", None),
+        "mobilenet_v2": ("MobileNetV2 (torchvision layout, random weights), 224x224",
+                         lambda: testing.mobilenet_v2(size=224, batch=1), "input", None),
         "digits_cnn": ("digits CNN (trained, models/)", lambda: _load("models/digits_cnn.onnx"), "image", "digits"),
         "digits_transformer": ("digits transformer (trained, models/)",
                                lambda: _load("models/digits_transformer.onnx"), "image", "digits"),
