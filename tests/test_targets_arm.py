@@ -72,3 +72,14 @@ def test_arm_cnn_dynamic_batch_matches_onnxruntime(runtime, tmp_path):
     got, _ = arm_runtime.run_bundle(tmp_path, x)
     ref = testing.ort_run(str(tmp_path / "model.onnx"), x)
     np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
+
+
+def test_arm_mobilenet_style_matches_onnxruntime(runtime, tmp_path):
+    """Depthwise convolutions (stride 1 and 2) and ReLU6 on spc's kernels with NEON's 4 lanes (tails of 2 + 1)."""
+    manifest = compile_model(testing.mobile(channels=8, size=22), "arm", tmp_path)
+    assert all(layer["kernel"] == "dense" for layer in manifest["layers"])
+    assert b"spc_dwconv" in (tmp_path / "model.so").read_bytes()
+    x = bundle_inputs(manifest, seed=4, dims={"batch": 2})
+    got, _ = arm_runtime.run_bundle(tmp_path, x)
+    ref = testing.ort_run(str(tmp_path / "model.onnx"), x)
+    np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
