@@ -7,7 +7,8 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 * ``maxpool``: max pooling (kernels/pool.py) on a lone 3x3/2 pool of 64x112x112, the 56x56 CNN and ResNet-18;
 * ``depthwise``: depthwise convolutions (kernels/depthwise.py) on MobileNetV2's 17 layer shapes alone and in the
   whole model (torchvision layout, random weights);
-* ``clip``: ReLU6 (ONNX Clip) fused into the producing kernel's epilogue (fusion.py) on MobileNetV2.
+* ``clip``: ReLU6 (ONNX Clip) fused into the producing kernel's epilogue (fusion.py) on MobileNetV2;
+* ``pad``: zero Pad ops folded into the convolution after them (fold.py) on EfficientNet-Lite0 (bench extra).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -58,6 +59,13 @@ def per_call(fn, budget: float) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _efficientnet_lite0(testing):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_targets import efficientnet_lite0
+
+    return efficientnet_lite0(testing)
+
+
 def rule_switch(rule: str):
     """(turn the rule on or off, models {title: (build, input shape)})."""
     from spc.targets import fusion, lower, testing
@@ -79,15 +87,21 @@ def rule_switch(rule: str):
         models.update(mobilenet)
         off = staticmethod(lambda call, w, x_shape: False)
         return (lambda on: setattr(lower.Lowering, "_is_depthwise", staticmethod(original) if on else off)), models
+    if rule == "pad":
+        from spc.targets import compile as compile_module
+
+        original = compile_module.fold_pad
+        effnet = {"EfficientNet-Lite0 224x224, batch 1": (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])}
+        return (lambda on: setattr(compile_module, "fold_pad", original if on else (lambda m: (m, 0)))), effnet
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
-    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip)")
+    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise or clip")
+    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip or pad")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)

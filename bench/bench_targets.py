@@ -12,7 +12,8 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
 heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1), ResNet-18, MobileNetV2 (depthwise convolutions, ReLU6), the trained digits CNN
+channels, 56x56 input, batch 1), ResNet-18, MobileNetV2 (depthwise convolutions, ReLU6), EfficientNet-Lite0
+(the same, with TF-style Pad ops; needs the bench extra), the trained digits CNN
 of models/ at batch 1 and 8 (`digits`, `digits8`) and the trained digits transformer at batch 1
 (`digits_transformer`).
 """
@@ -80,6 +81,10 @@ def main(argv=None) -> int:
             "MobileNetV2 (torchvision layout, random weights), 224x224, batch 1",
             lambda: testing.mobilenet_v2(size=224, batch=1),
             {"input": [1, 3, 224, 224]},
+        ),
+        "efficientnet_lite0": (
+            "EfficientNet-Lite0 (PyPI efficientnet-lite-pytorch, random weights; TF-style Pad ops), 224x224, batch 1",
+            lambda: efficientnet_lite0(testing), {"input": [1, 3, 224, 224]},
         ),
         # the trained ResNet-style CNN of models/ (8x8 digits, 32/64 channels, explicit BatchNorms): small
         # convolutions, where per-call overheads and BatchNorm glue weigh most
@@ -166,6 +171,17 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
+
+
+def efficientnet_lite0(testing):
+    """EfficientNet-Lite0's architecture (the bench extra's ``efficientnet-lite-pytorch``) with random weights: its
+    strided depthwise convolutions take an explicit zero Pad, as TensorFlow-style "same" padding is exported."""
+    from efficientnet_lite_pytorch import EfficientNet
+    import torch
+
+    torch.manual_seed(0)
+    return testing._export(EfficientNet.from_name("efficientnet-lite0", num_classes=1000), torch.randn(1, 3, 224, 224),
+                           {0: "batch"})
 
 
 def markdown(results: dict) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import SpcError
-from .fold import fold_batchnorm
+from .fold import fold_batchnorm, fold_pad
 from .registry import TargetSpec, get_target
 
 FORMAT = "spc-bundle/1"
@@ -243,6 +243,9 @@ def compile_model(
     folded_model, n_folded = fold_batchnorm(model)  # the bundle keeps `model`; code is generated from this
     if n_folded:
         say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
+    folded_model, n_pads = fold_pad(folded_model)
+    if n_pads:
+        say(f"folded {n_pads} zero Pad(s) into the convolution after each")
     mod = _import(folded_model, spec)
     records = []
     if spec.is_cpu:

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spc.targets.fold import fold_batchnorm
+from spc.targets.fold import fold_batchnorm, fold_pad
 from spc.targets.testing import ort_run
 
 
@@ -101,3 +101,62 @@ def test_compiled_cnn_with_batchnorm_matches_onnxruntime(tmp_path):
     x = bundle_inputs(manifest, seed=1)
     got = load_bundle(tmp_path).run(x)["y"]
     np.testing.assert_allclose(got, ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
+
+
+def _pad_model() -> onnx.ModelProto:
+    """TensorFlow-style "same" padding before strided convolutions: pad_a (zero, bottom/right) -> conv_a 3x3/2 with
+    its own pads, folded; pad_b fills with 1.0, pad_c also feeds a Relu, pad_d pads the channel axis: kept."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+             for name, shape in (("wa", (4, 3, 3, 3)), ("wb", (4, 4, 3, 3)), ("wc", (4, 4, 1, 1)), ("wd", (4, 6, 1, 1)))]
+    const = lambda name, values, dtype=np.int64: numpy_helper.from_array(np.array(values, dtype), name)  # noqa: E731
+    inits += [const("p_a", [0, 0, 0, 0, 0, 0, 1, 1]), const("p_hw", [0, 0, 1, 1, 0, 0, 1, 1]),
+              const("p_ch", [0, 1, 0, 0, 0, 1, 0, 0]), const("one", 1.0, np.float32), const("zero", 0.0, np.float32)]
+    nodes = [
+        helper.make_node("Pad", ["x", "p_a", "zero"], ["xa"], name="pad_a"),
+        helper.make_node("Conv", ["xa", "wa"], ["a"], name="conv_a", strides=[2, 2], pads=[1, 0, 0, 1]),
+        helper.make_node("Pad", ["a", "p_hw", "one"], ["ab"], name="pad_b"),
+        helper.make_node("Conv", ["ab", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Pad", ["b", "p_hw"], ["bc"], name="pad_c"),
+        helper.make_node("Conv", ["bc", "wc"], ["c"], name="conv_c"),
+        helper.make_node("Relu", ["bc"], ["c_side"], name="relu_c"),
+        helper.make_node("Pad", ["c", "p_ch"], ["cd"], name="pad_d"),
+        helper.make_node("Conv", ["cd", "wd"], ["y"], name="conv_d"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 7, 7]),
+                               helper.make_tensor_value_info("c_side", TensorProto.FLOAT, ["n", 4, 7, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_zero_pads_fold_into_the_convolution_after_them():
+    model = _pad_model()
+    before = model.SerializeToString()
+    folded, count = fold_pad(model)
+    assert model.SerializeToString() == before
+    assert count == 1
+    onnx.checker.check_model(folded)
+    assert [n.name for n in folded.graph.node if n.op_type == "Pad"] == ["pad_b", "pad_c", "pad_d"]
+    conv_a = next(n for n in folded.graph.node if n.name == "conv_a")
+    assert conv_a.input[0] == "x" and list(helper.get_attribute_value(conv_a.attribute[-1])) == [1, 0, 1, 2]
+    x = {"x": np.random.default_rng(3).standard_normal((2, 3, 9, 9)).astype(np.float32)}
+    got, ref = ort_run(folded, x), ort_run(model, x)
+    for name in ("y", "c_side"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_with_pads_matches_onnxruntime(tmp_path):
+    tvm = pytest.importorskip("tvm")  # noqa: F841
+    from spc.targets import bundle_inputs, compile_model, get_target, load_bundle
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    model = _pad_model()
+    manifest = compile_model(model, "x86", tmp_path, input_shapes={"x": [2, 3, 9, 9]})
+    assert sum(n.op_type == "Pad" for n in onnx.load(tmp_path / "model.onnx").graph.node) == 4  # kept as given
+    x = bundle_inputs(manifest, seed=1)
+    got, ref = load_bundle(tmp_path).run(x), ort_run(model, x)
+    for name in ("y", "c_side"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4)
