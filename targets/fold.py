@@ -32,6 +32,13 @@ def _uses(model: onnx.ModelProto) -> dict[str, int]:
     return uses
 
 
+def _drop_nodes(graph: onnx.GraphProto, indices: set[int]) -> None:
+    if indices:
+        kept = [node for index, node in enumerate(graph.node) if index not in indices]
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
 def _foldable(conv: onnx.NodeProto, bn: onnx.NodeProto, inits: dict, uses: dict) -> bool:
     if conv.domain not in ("", "ai.onnx") or bn.domain not in ("", "ai.onnx"):
         return False
@@ -98,9 +105,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         conv.output[0] = bn.output[0]
         remove.add(index)
     if remove:
-        kept = [node for index, node in enumerate(graph.node) if index not in remove]
-        del graph.node[:]
-        graph.node.extend(kept)
+        _drop_nodes(graph, remove)
         stale = [vi for vi in graph.value_info if vi.name in gone]
         for vi in stale:
             graph.value_info.remove(vi)
@@ -173,8 +178,5 @@ def fold_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         conv.attribute.append(onnx.helper.make_attribute("pads", merged))
         conv.input[0] = pad.input[0]
         remove.add(index)
-    if remove:
-        kept = [node for index, node in enumerate(graph.node) if index not in remove]
-        del graph.node[:]
-        graph.node.extend(kept)
+    _drop_nodes(graph, remove)
     return model_out, len(remove)
