@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import SpcError
-from .fold import fold_batchnorm, fold_pad
+from .fold import fold_batchnorm, fold_pad, fold_shape_constants
 from .registry import TargetSpec, get_target
 
 FORMAT = "spc-bundle/1"
@@ -243,6 +243,7 @@ def compile_model(
     folded_model, n_folded = fold_batchnorm(model)  # the bundle keeps `model`; code is generated from this
     if n_folded:
         say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
+    folded_model, _ = fold_shape_constants(folded_model)  # e.g. Pad amounts computed from constants
     folded_model, n_pads = fold_pad(folded_model)
     if n_pads:
         say(f"folded {n_pads} zero Pad(s) into the convolution after each")

@@ -39,6 +39,14 @@ def _drop_nodes(graph: onnx.GraphProto, indices: set[int]) -> None:
         graph.node.extend(kept)
 
 
+def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the initializers among ``names`` that no node, graph input or output reads any more."""
+    read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output} | \
+        {v.name for v in graph.input}
+    for tensor in [t for t in graph.initializer if t.name in names and t.name not in read]:
+        graph.initializer.remove(tensor)
+
+
 def _foldable(conv: onnx.NodeProto, bn: onnx.NodeProto, inits: dict, uses: dict) -> bool:
     if conv.domain not in ("", "ai.onnx") or bn.domain not in ("", "ai.onnx"):
         return False
@@ -116,6 +124,47 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model_out, len(remove)
 
 
+SHAPE_OPS = frozenset({"Constant", "ConstantOfShape", "Cast", "Reshape", "Transpose", "Slice", "Concat", "Squeeze",
+                       "Unsqueeze", "Gather", "Identity", "Flatten", "Expand", "Range", "Add", "Sub", "Mul", "Div",
+                       "Neg", "Equal", "Where"})
+SHAPE_FOLD_MAX_ELEMENTS = 4096  # folded only when every input and output is small: shape arithmetic, not weights
+
+
+def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with small computations on constants only (``SHAPE_OPS`` on tensors of at most
+    ``SHAPE_FOLD_MAX_ELEMENTS`` values) evaluated (onnx.reference) into initializers; returns it and the number of
+    nodes folded. PyTorch exports ``F.pad`` amounts as Constant -> Concat -> Reshape -> Slice -> Transpose -> Cast,
+    which TVM's importer rejects ("Dynamic pads are not supported") and ``fold_pad`` cannot read."""
+    from onnx.reference import ReferenceEvaluator
+
+    model_out = onnx.ModelProto()
+    model_out.CopyFrom(model)
+    graph = model_out.graph
+    values = {name: numpy_helper.to_array(t) for name, t in _initializers(model_out).items()
+              if np.prod(t.dims, dtype=np.int64) <= SHAPE_FOLD_MAX_ELEMENTS}
+    graph_outputs = {o.name for o in graph.output}
+    remove: set[int] = set()
+    released: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if (node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or any(o in graph_outputs for o in node.output)
+                or any(name and name not in values for name in node.input)):
+            continue
+        try:
+            outputs = ReferenceEvaluator(node).run(None, {name: values[name] for name in node.input if name})
+        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays in the graph
+            continue
+        if any(np.asarray(out).size > SHAPE_FOLD_MAX_ELEMENTS for out in outputs):
+            continue
+        for name, out in zip(node.output, outputs):
+            values[name] = np.asarray(out)
+            graph.initializer.append(numpy_helper.from_array(values[name], name))
+        released.update(node.input)
+        remove.add(index)
+    _drop_nodes(graph, remove)
+    _drop_unread(graph, released)
+    return model_out, len(remove)
+
+
 def _zero_pad_amounts(pad: onnx.NodeProto, inits: dict) -> list[int] | None:
     """The begin+end amounts of a constant-mode Pad with constant, non-negative amounts and a zero fill value (the
     amounts as an input, opset >= 11, or an attribute before); None otherwise."""
@@ -155,6 +204,7 @@ def fold_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     remove: set[int] = set()
+    released: set[str] = set()
     for index, pad in enumerate(graph.node):
         if pad.op_type != "Pad" or len(pad.output) != 1:
             continue
@@ -177,6 +227,8 @@ def fold_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 conv.attribute.remove(attribute)
         conv.attribute.append(onnx.helper.make_attribute("pads", merged))
         conv.input[0] = pad.input[0]
+        released.update(pad.input[1:])
         remove.add(index)
     _drop_nodes(graph, remove)
+    _drop_unread(graph, released)
     return model_out, len(remove)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spc.targets.fold import fold_batchnorm, fold_pad
+from spc.targets.fold import fold_batchnorm, fold_pad, fold_shape_constants
 from spc.targets.testing import ort_run
 
 
@@ -160,3 +160,49 @@ def test_compiled_model_with_pads_matches_onnxruntime(tmp_path):
     got, ref = load_bundle(tmp_path).run(x), ort_run(model, x)
     for name in ("y", "c_side"):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4)
+
+
+def _computed_pad_model() -> onnx.ModelProto:
+    """Pad amounts computed from constants (PyTorch's F.pad export: ConstantOfShape, Concat, Slice, Cast, ...), and
+    a Mul of a 5000-value constant that is weights, not shape arithmetic."""
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    big = numpy_helper.from_array(rng.normal(0, 1, (5000,)).astype(np.float32), "big")
+    nodes = [
+        helper.make_node("Constant", [], ["hw"], value=numpy_helper.from_array(np.array([1, 2], np.int64))),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array([2], np.int64))),
+        helper.make_node("ConstantOfShape", ["two"], ["nc"], value=numpy_helper.from_array(np.array([0], np.int64))),
+        helper.make_node("Concat", ["nc", "hw", "nc", "hw"], ["amounts_f"], axis=0),  # [0, 0, 1, 2, 0, 0, 1, 2]
+        helper.make_node("Slice", ["amounts_f", "zero1", "eight"], ["amounts_s"]),
+        helper.make_node("Cast", ["amounts_s"], ["amounts"], to=TensorProto.INT64),
+        helper.make_node("Pad", ["x", "amounts"], ["xp"], name="pad"),
+        helper.make_node("Conv", ["xp", "w"], ["y"], name="conv", strides=[2, 2]),
+        helper.make_node("Mul", ["big", "big"], ["big2"], name="weights_mul"),
+    ]
+    inits = [w, big, numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+             numpy_helper.from_array(np.array([8], np.int64), "eight")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4, 5]),
+                               helper.make_tensor_value_info("big2", TensorProto.FLOAT, [5000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_pad_amounts_computed_from_constants_fold_too(tmp_path):
+    model = _computed_pad_model()
+    shaped, count = fold_shape_constants(model)
+    assert count == 6  # the two Constants, ConstantOfShape, Concat, Slice, Cast; not the 5000-value Mul
+    folded, pads = fold_pad(shaped)
+    assert pads == 1 and [n.op_type for n in folded.graph.node] == ["Conv", "Mul"]
+    names = {t.name for t in folded.graph.initializer}
+    assert "amounts" not in names and "amounts_f" not in names  # nothing left that nothing reads
+    x = {"x": np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(folded, x)["y"], ort_run(model, x)["y"], rtol=1e-5, atol=1e-6)
+    tvm = pytest.importorskip("tvm")  # noqa: F841
+    from spc.targets import compile_model, get_target, load_bundle
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    compile_model(model, "x86", tmp_path)  # TVM's importer rejected these pads ("Dynamic pads are not supported")
+    np.testing.assert_allclose(load_bundle(tmp_path).run(x)["y"], ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
