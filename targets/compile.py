@@ -227,7 +227,8 @@ def compile_model(
             from .layer_records import index_onnx_weights, sparsity_plan
 
             # only layers whose block-sparse kernel is predicted to pay lose weights
-            plan = sparsity_plan(_import(model, spec), index_onnx_weights(model), spec, block, 1.0 - sparsity)
+            importable = fold_pad(fold_shape_constants(model)[0])[0]  # weights as given: the index finds them
+            plan = sparsity_plan(_import(importable, spec), index_onnx_weights(model), spec, block, 1.0 - sparsity)
             skip = {} if kernel == "bsr" else {name: why for name, (_speedup, why) in plan.items() if why}
             say(f"sparsifying weights: {sparsity:.0%} of {block[0]}x{block[1]} blocks per layer "
                 f"({len(plan) - len(skip)} of {len(plan)} layers pay)")

@@ -206,3 +206,4 @@ def test_pad_amounts_computed_from_constants_fold_too(tmp_path):
         pytest.skip("the x86 target needs an AVX-512 host to run bundles")
     compile_model(model, "x86", tmp_path)  # TVM's importer rejected these pads ("Dynamic pads are not supported")
     np.testing.assert_allclose(load_bundle(tmp_path).run(x)["y"], ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
+    compile_model(model, "x86", tmp_path / "sparse", sparsity=0.8, input_shapes={"x": [2, 3, 8, 8]})  # its cost plan
