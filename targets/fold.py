@@ -143,14 +143,17 @@ def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     values = {name: numpy_helper.to_array(t) for name, t in _initializers(model_out).items()
               if np.prod(t.dims, dtype=np.int64) <= SHAPE_FOLD_MAX_ELEMENTS}
     graph_outputs = {o.name for o in graph.output}
+    opset = next((o.version for o in model_out.opset_import if o.domain in ("", "ai.onnx")), None)
     remove: set[int] = set()
     released: set[str] = set()
     for index, node in enumerate(graph.node):
-        if (node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or any(o in graph_outputs for o in node.output)
+        if (node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or opset is None
+                or any(o in graph_outputs for o in node.output)
                 or any(name and name not in values for name in node.input)):
             continue
-        try:
-            outputs = ReferenceEvaluator(node).run(None, {name: values[name] for name in node.input if name})
+        try:  # the model's opset: Squeeze, Slice, ... changed their inputs between versions
+            evaluator = ReferenceEvaluator(node, opsets={"": opset})
+            outputs = evaluator.run(None, {name: values[name] for name in node.input if name})
         except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays in the graph
             continue
         if any(np.asarray(out).size > SHAPE_FOLD_MAX_ELEMENTS for out in outputs):
