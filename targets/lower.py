@@ -60,6 +60,12 @@ class _Rewriter(relax.PyExprMutator):
 DEPTHWISE_MAX_ELEMENTS = 1 << 26  # C x H x W: larger depthwise inputs stay with TVM (the kernel copies an image)
 
 
+def _padding(attrs) -> tuple[int, int, int, int]:
+    """A conv2d's padding as (top, left, bottom, right)."""
+    pad = [int(p) for p in attrs.padding]
+    return tuple(pad * 2 if len(pad) == 2 else pad)
+
+
 class _Skip(Exception):
     pass
 
@@ -179,27 +185,25 @@ class Lowering:
             return None
         w_out_in = np.ascontiguousarray(w.reshape(w.shape[0], -1))
         reason = None
+        depthwise = int(attrs.groups) == w.shape[0] and w.shape[1] == 1  # one input channel per output channel
         if w.dtype != np.float32 or _dtype(x_orig) != "float32" or _dtype(call) != "float32":
             reason = "dtype is not float32"
-        elif self._is_depthwise(call, w, x_shape):
+        elif (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
+            reason = "layout is not NCHW/OIHW"
+        elif any(_static(d) is None for d in x_shape[1:]):
+            reason = "symbolic channel or spatial size"
+        elif depthwise and int(attrs.groups) == _static(x_shape[1]):
             elements = int(np.prod([_static(d) for d in x_shape[1:]], dtype=np.int64))
             if elements < DEPTHWISE_MAX_ELEMENTS:
                 return self._lower_depthwise(mutator, call, w, bias, act, fused)
             reason = f"depthwise input of {elements} elements per image (spc's kernel takes < {DEPTHWISE_MAX_ELEMENTS})"
         elif int(attrs.groups) != 1:
             reason = f"groups={int(attrs.groups)} (grouped convolutions other than depthwise use TVM's schedule)"
-        elif (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
-            reason = "layout is not NCHW/OIHW"
-        elif any(_static(d) is None for d in x_shape[1:]):
-            reason = "symbolic channel or spatial size"
         if reason:
             self._record_tvm("Conv", w_out_in, reason)
             return None
         n_static = _static(x_shape[0])
         c_in, h, wd = (_static(d) for d in x_shape[1:])
-        pad = [int(p) for p in attrs.padding]
-        if len(pad) == 2:
-            pad = pad * 2
         geom = kernels.ConvGeom(
             c_in=c_in,
             h=h,
@@ -208,7 +212,7 @@ class Lowering:
             kh=int(w.shape[2]),
             kw=int(w.shape[3]),
             stride=tuple(int(s) for s in attrs.strides),
-            pad=tuple(pad),
+            pad=_padding(attrs),
             dilation=tuple(int(d) for d in attrs.dilation),
         )
         if w.shape[1] != c_in or geom.oh <= 0 or geom.ow <= 0:
@@ -238,22 +242,13 @@ class Lowering:
         )
         return relax.op.reshape(y, [n_dim, geom.c_out, geom.oh, geom.ow])
 
-    @staticmethod
-    def _is_depthwise(call, w: np.ndarray, x_shape) -> bool:
-        """One input channel per output channel, NCHW, static channels and image size."""
-        attrs = call.attrs
-        dims = [_static(d) for d in x_shape[1:]]
-        return (None not in dims and int(attrs.groups) == dims[0] == w.shape[0] and w.shape[1] == 1
-                and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout or "NCHW") == ("NCHW", "OIHW", "NCHW"))
-
     def _lower_depthwise(self, mutator, call, w, bias, act, fused):
+        """NCHW, static channels and image size (``_lower_conv`` checked them)."""
         x_orig, attrs = call.args[0], call.attrs
         x_shape = _shape(x_orig)
         c, h, wd = (_static(d) for d in x_shape[1:])
-        pads = [int(p) for p in attrs.padding]
-        pads = pads * 2 if len(pads) == 2 else pads
         kern = kernels.depthwise_conv2d(
-            self._name("dwconv"), c, h, wd, w, tuple(int(s) for s in attrs.strides), tuple(pads),
+            self._name("dwconv"), c, h, wd, w, tuple(int(s) for s in attrs.strides), _padding(attrs),
             tuple(int(d) for d in attrs.dilation), bias, act, self.params, _static(x_shape[0]))
         w_out_in = np.ascontiguousarray(w.reshape(w.shape[0], -1))
         node, weight = self._identify(w_out_in)

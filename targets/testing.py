@@ -125,43 +125,26 @@ def resnet18(size: int = 224, classes: int = 1000, batch: int = 1, static_batch:
 
 def mobile(channels: int = 16, size: int = 32, classes: int = 10, batch: int = 2, static_batch: bool = False,
            seed=0):
-    """MobileNetV2-style: conv3x3/2 -> BN -> ReLU6 -> [1x1 expand x4 -> ReLU6 -> depthwise 3x3 (stride 1, then 2)
-    -> ReLU6 -> 1x1 project] twice, the first with its residual -> avgpool -> fc: the depthwise convolutions that
-    MobileNet-class models spend much of their time in."""
+    """A MobileNetV2 in miniature (``mobilenet_v2_module``): conv3x3/2 -> [1x1 expand x4 -> ReLU6 -> depthwise 3x3
+    (stride 1, then 2) -> ReLU6 -> 1x1 project] twice, the first with its residual -> mean -> fc, random BatchNorm
+    statistics: the depthwise convolutions that MobileNet-class models spend much of their time in."""
     import torch
-    from torch import nn
 
     _seed(seed)
-
-    def conv_bn(cin, cout, kernel, stride=1, groups=1, act=True):
-        bn = nn.BatchNorm2d(cout)
-        with torch.no_grad():
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), bn]
-        return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
-
-    class Block(nn.Module):
-        def __init__(self, c, stride):
-            super().__init__()
-            hidden = 4 * c
-            self.body = nn.Sequential(conv_bn(c, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                                      conv_bn(hidden, c, 1, act=False))
-            self.residual = stride == 1
-
-        def forward(self, x):
-            return x + self.body(x) if self.residual else self.body(x)
-
     c = channels
-    model = nn.Sequential(conv_bn(3, c, 3, 2), Block(c, 1), Block(c, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(c, classes))
-    return _export(model, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+    module = _random_batchnorm(mobilenet_v2_module(stages=((4, c, 1, 1), (4, c, 1, 2)), stem=c, head=None,
+                                                   classes=classes))
+    return _export(module, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
 
 
-def mobilenet_v2_module():
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))  # (expansion, channels, blocks, stride of the first)
+
+
+def mobilenet_v2_module(stages=MOBILENET_V2_STAGES, stem: int = 32, head: int | None = 1280, classes: int = 1000):
     """MobileNetV2 as a torch module in torchvision's layout (its state-dict keys, so torchvision's ImageNet weights
-    load into it): a 3x3/2 stem, 17 inverted residual blocks, a 1x1 head to 1280 channels, global average pooling
-    and a linear classifier."""
+    load into it with the defaults): a 3x3/2 stem, inverted residual blocks, a 1x1 head (none if ``head`` is None),
+    global average pooling and a linear classifier."""
     from torch import nn
 
     def conv_bn_relu(cin, cout, kernel=3, stride=1, groups=1):
@@ -184,15 +167,15 @@ def mobilenet_v2_module():
     class MobileNetV2(nn.Module):
         def __init__(self):
             super().__init__()
-            blocks, cin = [conv_bn_relu(3, 32, 3, 2)], 32
-            for expand, cout, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                                                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+            blocks, cin = [conv_bn_relu(3, stem, 3, 2)], stem
+            for expand, cout, repeats, stride in stages:
                 for i in range(repeats):
                     blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
                     cin = cout
-            blocks.append(conv_bn_relu(cin, 1280, 1))
+            if head is not None:
+                blocks.append(conv_bn_relu(cin, head, 1))
             self.features = nn.Sequential(*blocks)
-            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(head or cin, classes))
 
         def forward(self, x):
             return self.classifier(self.features(x).mean((2, 3)))
@@ -206,12 +189,19 @@ def mobilenet_v2(size: int = 224, batch: int = 1, static_batch: bool = False, se
     import torch
 
     _seed(seed)
-    module = mobilenet_v2_module()
+    module = _random_batchnorm(mobilenet_v2_module())
+    return _export(module, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+
+
+def _random_batchnorm(module):
+    """Running means in [-0.1, 0.1] and variances in [0.5, 1.5] instead of BatchNorm's identity defaults."""
+    import torch
+
     with torch.no_grad():
         for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-    return _export(module, torch.randn(batch, 3, size, size), None if static_batch else {0: "batch"})
+    return module
 
 
 def encoder(

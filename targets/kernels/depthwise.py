@@ -1,20 +1,20 @@
 """``depthwise_conv2d``: NCHW depthwise convolution (one input channel per output channel), one channel per task:
 its plane copied once into a zero-padded buffer (columns split by stride phase), then each output vector is the
-weighted sum of the kernel's contiguous shifted views of it, with the bias and activation fused. TVM's legalized grouped convolution runs the window
-element by element: on torchvision's MobileNetV2 (17 depthwise layers) it was 70% of the model's time and the
-model ran 3.1x slower than ONNX Runtime."""
+weighted sum of the kernel's contiguous shifted views of it, with the bias and activation fused. TVM's legalized
+grouped convolution runs the window element by element: on torchvision's MobileNetV2 (17 depthwise layers) it was
+70% of the model's time and the model ran 3.1x slower than ONNX Runtime."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src
+from .source import Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src
 
 
 def depthwise_conv2d(name: str, c: int, h: int, w: int, weight: np.ndarray, stride: tuple[int, int],
                      pads: tuple[int, int, int, int], dilation: tuple[int, int], bias: np.ndarray | None,
-                     act: str | None, params: CpuKernelParams, n_static: int | None = None) -> Kernel:
-    """Y[n, c, oh, ow] = sum W[c, 0, i, j] X[n, c, oh * sh - pt + i * dh, ow * sw - pl + j * dw] (+ bias) (relu);
+                     act: str | Clip | None, params: CpuKernelParams, n_static: int | None = None) -> Kernel:
+    """Y[n, c, oh, ow] = sum W[c, 0, i, j] X[n, c, oh * sh - pt + i * dh, ow * sw - pl + j * dw] (+ bias) (act);
     ``weight`` is [C, 1, KH, KW] (pads: top, left, bottom, right)."""
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     (sh, sw), (pt, pl, pb, pr), (dh, dw) = stride, pads, dilation

@@ -121,7 +121,7 @@ def _parse(src: str, name: str, attrs: dict | None = None):
     return func
 
 
-def _epilogue(val: str, bias: str | None, act: str | None) -> str:
+def _epilogue(val: str, bias: str | None, act: str | Clip | None) -> str:
     if bias is not None:
         val = f"{val} + {bias}"
     if act == "relu":
