@@ -8,7 +8,9 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 * ``depthwise``: depthwise convolutions (kernels/depthwise.py) on MobileNetV2's 17 layer shapes alone and in the
   whole model (torchvision layout, random weights);
 * ``clip``: ReLU6 (ONNX Clip) fused into the producing kernel's epilogue (fusion.py) on MobileNetV2;
-* ``pad``: zero Pad ops folded into the convolution after them (fold.py) on EfficientNet-Lite0 (bench extra).
+* ``pad``: zero Pad ops folded into the convolution after them (fold.py) on EfficientNet-Lite0 (bench extra);
+* ``expand_depthwise``: a 1x1 conv and the depthwise conv after it as one kernel (kernels/expand_depthwise.py)
+  against spc's two kernels, on MobileNetV2 (batch 1 and 8) and EfficientNet-Lite0.
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -92,15 +94,21 @@ def rule_switch(rule: str):
         original = compile_module.fold_pad
         effnet = {"EfficientNet-Lite0 224x224, batch 1": (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])}
         return (lambda on: setattr(compile_module, "fold_pad", original if on else (lambda m: (m, 0)))), effnet
+    if rule == "expand_depthwise":
+        original = lower.EXPAND_DEPTHWISE_MIN_ELEMENTS
+        models = dict(mobilenet)
+        models["MobileNetV2 224x224, batch 8"] = (lambda: testing.mobilenet_v2(size=224, batch=8), [8, 3, 224, 224])
+        models["EfficientNet-Lite0 224x224, batch 1"] = (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])
+        return (lambda on: setattr(lower, "EXPAND_DEPTHWISE_MIN_ELEMENTS", original if on else 0)), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
-    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad)")
+    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip or pad")
+    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad or expand_depthwise")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)
@@ -142,7 +150,9 @@ def main(argv=None) -> int:
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
-        print(f"{title}: TVM {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
+        off = "two kernels" if args.rule == "expand_depthwise" else "TVM"  # what the rule replaces
+        row["off"] = off
+        print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
               f"[{row['q25']:.2f}-{row['q75']:.2f}], max |diff| {row['max_abs_diff']:.1e}; ONNX Runtime "
               f"{row['ort_ms']:.3f} ms", flush=True)
     if args.out:

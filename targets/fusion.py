@@ -1,8 +1,10 @@
 """Which bias adds and ReLUs (or clips: ReLU6) follow a constant-weight matmul or convolution closely enough to be
-fused into its kernel's epilogue (``_Plan``), and the bias as one value per output channel."""
+fused into its kernel's epilogue (``_Plan``), and the bias as one value per output channel; and which depthwise
+convolutions read a 1x1 convolution's output alone, so that both can run as one kernel (``_Plan.pairs``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +14,7 @@ from .kernels.source import Clip
 from .relax_util import (
     OP_ADD,
     OP_CALL_TIR,
+    OP_CONV2D,
     OP_MATMUL,
     OP_RELU,
     OP_WHERE,
@@ -31,9 +34,12 @@ class _Chain:
 
 
 class _Plan:
-    """Bindings of the main function, use counts and the bias/ReLU chains to fuse into weight kernels."""
+    """Bindings of the main function, use counts and the bias/ReLU chains to fuse into weight kernels.
 
-    def __init__(self, func: relax.Function):
+    ``pairs`` maps a depthwise convolution's call (its chain's root) to (the 1x1 conv chain whose output only it
+    reads, its own chain) where ``can_pair`` accepts them; the 1x1 conv's calls are then left to the pair."""
+
+    def __init__(self, func: relax.Function, can_pair: Callable[[_Chain, _Chain], bool] | None = None):
         self.value: dict = {}
         self.uses: dict = {}
         bindings = []
@@ -55,8 +61,31 @@ class _Plan:
             if chain is not None:
                 self.chains[binding.value] = chain
                 absorbed.update(inner)
+        self.pairs: dict = {}
+        if can_pair is not None:
+            for binding in bindings:
+                pair = self._pair(binding.value, can_pair)
+                if pair is not None:
+                    self.pairs[binding.value] = pair
+                    absorbed.add(pair[1].base.args[0])
         # calls computed inside a fused chain: left as they are (dead after the rewrite, removed by DCE)
         self.absorbed = {self.value[var] for var in absorbed if var in self.value}
+
+    def _as_chain(self, call) -> _Chain | None:
+        """The fusion chain rooted at ``call``, or a bare weight call as a chain of its own."""
+        chain = self.chains.get(call)
+        if chain is None and _is_weight_call(call):
+            chain = _Chain(call, None, None, [])
+        return chain
+
+    def _pair(self, call, can_pair):
+        depthwise = self._as_chain(call)
+        if depthwise is None or not depthwise.base.op.same_as(OP_CONV2D):
+            return None
+        expand = self._as_chain(self._single(depthwise.base.args[0]))
+        if expand is None or not expand.base.op.same_as(OP_CONV2D) or not can_pair(expand, depthwise):
+            return None
+        return expand, depthwise
 
     def _single(self, var) -> relax.Call | None:
         if isinstance(var, relax.Var) and self.uses.get(var, 0) == 1:

@@ -32,6 +32,9 @@ class _Rewriter(relax.PyExprMutator):
             return super().visit_call_(call)
         chain = self.plan.chains.get(call)
         try:
+            pair = self.plan.pairs.get(call)
+            if pair is not None:
+                return self.lowering.lower_expand_depthwise(self, *pair)
             if chain is not None:
                 out = self.lowering.lower_weight_call(self, chain.base, chain.bias, chain.act, chain.fused)
                 if out is not None:
@@ -58,6 +61,10 @@ class _Rewriter(relax.PyExprMutator):
 
 
 DEPTHWISE_MAX_ELEMENTS = 1 << 26  # C x H x W: larger depthwise inputs stay with TVM (the kernel copies an image)
+# a 1x1 conv and the depthwise conv after it run as one kernel when the map between them is at least this large
+# per image (C x H x W): smaller ones stay in cache between two kernels, which then run faster than the fused one
+# (MobileNetV2: 1.2-2.2x faster fused from 144 x 56 x 56 up, 0.3-0.9x from 192 x 28 x 28 down; bench_kernel_ab.py)
+EXPAND_DEPTHWISE_MIN_ELEMENTS = 1 << 18
 
 
 def _padding(attrs) -> tuple[int, int, int, int]:
@@ -242,21 +249,80 @@ class Lowering:
         )
         return relax.op.reshape(y, [n_dim, geom.c_out, geom.oh, geom.ow])
 
-    def _lower_depthwise(self, mutator, call, w, bias, act, fused):
-        """NCHW, static channels and image size (``_lower_conv`` checked them)."""
+    def can_pair(self, expand, depthwise) -> bool:
+        """Whether a 1x1 conv (chain) and the depthwise conv that alone reads it run as one kernel: float32 NCHW with
+        static sizes, the 1x1 unstrided and unpadded, the depthwise at column stride 1 or 2, a map between them of
+        at least ``EXPAND_DEPTHWISE_MIN_ELEMENTS`` and rows of at least two vectors."""
+        if EXPAND_DEPTHWISE_MIN_ELEMENTS <= 0:
+            return False
+        calls = (expand.base, depthwise.base)
+        weights = [_const_array(call.args[1]) for call in calls]
+        shapes = [_shape(call.args[0]) for call in calls]
+        if any(w is None or w.ndim != 4 or w.dtype != np.float32 for w in weights):
+            return False
+        if any(s is None or len(s) != 4 or any(_static(d) is None for d in s[1:]) for s in shapes):
+            return False
+        for call in calls:
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, a.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
+                return False
+            if _dtype(call) != "float32" or _dtype(call.args[0]) != "float32":
+                return False
+        we, wd = weights
+        ea, da = expand.base.attrs, depthwise.base.attrs
+        if we.shape[2:] != (1, 1) or int(ea.groups) != 1 or any(int(v) != 1 for v in ea.strides):
+            return False
+        if any(int(v) != 0 for v in ea.padding) or we.shape[1] != _static(shapes[0][1]):
+            return False
+        c, h, w = (_static(d) for d in shapes[1][1:])
+        if not (int(da.groups) == wd.shape[0] == c == we.shape[0] and wd.shape[1] == 1):
+            return False
+        elements = c * h * w
+        return (int(da.strides[1]) in (1, 2) and EXPAND_DEPTHWISE_MIN_ELEMENTS <= elements < DEPTHWISE_MAX_ELEMENTS
+                and w >= 2 * self.params.lanes and kernels.expand_group_size(c, self.params) >= 4)
+
+    def lower_expand_depthwise(self, mutator, expand, depthwise):
+        """One kernel for the pair (``can_pair`` accepted it) unless the 1x1 conv is to be block-sparse: then each
+        is lowered alone."""
+        e_call, d_call = expand.base, depthwise.base
+        we = _const_array(e_call.args[1])
+        wd = _const_array(d_call.args[1])
+        x_shape = _shape(e_call.args[0])
+        c_in, h, wd_ = (_static(d) for d in x_shape[1:])
+        c = int(we.shape[0])
+        we2 = np.ascontiguousarray(we.reshape(c, c_in))
+        kind = self._choose(h * wd_, c_in, c, we2, conv=True)[0]
+        if kind != "dense":
+            y = mutator.builder_.emit(self.lower_weight_call(mutator, e_call, expand.bias, expand.act, expand.fused))
+            return self._lower_depthwise(mutator, d_call, wd, depthwise.bias, depthwise.act, depthwise.fused, x=y)
+        attrs = d_call.attrs
+        kern = kernels.expand_depthwise(
+            self._name("expand_dwconv"), c_in, c, h, wd_, we2, expand.bias, expand.act, wd,
+            tuple(int(s) for s in attrs.strides), _padding(attrs), tuple(int(d) for d in attrs.dilation),
+            depthwise.bias, depthwise.act, self.params, _static(x_shape[0]))
+        self._record_conv(we2, h * wd_, expand.fused + ["depthwise conv (one kernel)"])
+        out_shape = _shape(d_call)
+        self._record_conv(np.ascontiguousarray(wd.reshape(c, -1)), int(np.prod([_static(d) for d in out_shape[2:]])),
+                          ["1x1 conv (one kernel)"] + depthwise.fused)
+        return self._call(mutator, kern, mutator.visit_expr(e_call.args[0]), out_shape)
+
+    def _record_conv(self, w_out_in: np.ndarray, rows: int, fused: list[str]) -> None:
+        node, weight = self._identify(w_out_in)
+        self._record(op="Conv", node=node, weight=weight, shape=[int(d) for d in w_out_in.shape], rows=rows,
+                     kernel="dense", block=None, density=1.0, expected_speedup=1.0, fused=fused)
+
+    def _lower_depthwise(self, mutator, call, w, bias, act, fused, x=None):
+        """NCHW, static channels and image size (``_lower_conv`` checked them); ``x``: the input, already lowered."""
         x_orig, attrs = call.args[0], call.attrs
         x_shape = _shape(x_orig)
         c, h, wd = (_static(d) for d in x_shape[1:])
         kern = kernels.depthwise_conv2d(
             self._name("dwconv"), c, h, wd, w, tuple(int(s) for s in attrs.strides), _padding(attrs),
             tuple(int(d) for d in attrs.dilation), bias, act, self.params, _static(x_shape[0]))
-        w_out_in = np.ascontiguousarray(w.reshape(w.shape[0], -1))
-        node, weight = self._identify(w_out_in)
         out_shape = _shape(call)
-        self._record(op="Conv", node=node, weight=weight, shape=[c, int(w_out_in.shape[1])],
-                     rows=int(np.prod([_static(d) for d in out_shape[2:]])), kernel="dense", block=None, density=1.0,
-                     expected_speedup=1.0, fused=fused)
-        return self._call(mutator, kern, mutator.visit_expr(x_orig), out_shape)
+        self._record_conv(np.ascontiguousarray(w.reshape(w.shape[0], -1)),
+                          int(np.prod([_static(d) for d in out_shape[2:]])), fused)
+        return self._call(mutator, kern, mutator.visit_expr(x_orig) if x is None else x, out_shape)
 
     def _record_tvm(self, op: str, w_out_in: np.ndarray, reason: str) -> None:
         node, weight = self._identify(w_out_in) if w_out_in.ndim == 2 else (None, None)
@@ -359,7 +425,7 @@ class Lowering:
 
 def rewrite(mod: tvm.IRModule, lowering: Lowering, func_name: str = "main") -> tvm.IRModule:
     func = mod[func_name]
-    plan = _Plan(func)
+    plan = _Plan(func, lowering.can_pair)
     rewriter = _Rewriter(mod, lowering, plan)
     new_func = rewriter.visit_expr(func)
     out = rewriter.builder_.get()

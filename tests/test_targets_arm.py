@@ -74,11 +74,17 @@ def test_arm_cnn_dynamic_batch_matches_onnxruntime(runtime, tmp_path):
     np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
 
 
-def test_arm_mobilenet_style_matches_onnxruntime(runtime, tmp_path):
-    """Depthwise convolutions (stride 1 and 2) and ReLU6 on spc's kernels with NEON's 4 lanes (tails of 2 + 1)."""
+@pytest.mark.parametrize("pair", [False, True])
+def test_arm_mobilenet_style_matches_onnxruntime(runtime, tmp_path, monkeypatch, pair):
+    """Depthwise convolutions (stride 1 and 2) and ReLU6 on spc's kernels with NEON's 4 lanes (tails of 2 + 1),
+    alone and as one kernel with the 1x1 expand before them (11 x 11 maps: a chunk of 8 columns, then 2 + 1)."""
+    from spc.targets import lower
+
+    monkeypatch.setattr(lower, "EXPAND_DEPTHWISE_MIN_ELEMENTS", 1 if pair else 0)
     manifest = compile_model(testing.mobile(channels=8, size=22), "arm", tmp_path)
     assert all(layer["kernel"] == "dense" for layer in manifest["layers"])
-    assert b"spc_dwconv" in (tmp_path / "model.so").read_bytes()
+    library = (tmp_path / "model.so").read_bytes()
+    assert (b"spc_expand_dwconv" in library) == pair and (b"spc_dwconv" in library) != pair
     x = bundle_inputs(manifest, seed=4, dims={"batch": 2})
     got, _ = arm_runtime.run_bundle(tmp_path, x)
     ref = testing.ort_run(str(tmp_path / "model.onnx"), x)

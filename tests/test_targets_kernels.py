@@ -369,3 +369,37 @@ def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
         ref = ref.clamp(act.lo, act.hi)
     ref = ref.numpy()
     np.testing.assert_allclose(_run(_build(kern), kern, [x], ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [
+    dict(c_in=5, c=12, h=9, w=45, kernel=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)),  # chunk + 8 + 4 + 1 columns
+    dict(c_in=3, c=10, h=8, w=38, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1)),  # groups of 5 channels
+    dict(c_in=4, c=8, h=11, w=34, kernel=(5, 5), stride=(2, 2), pads=(2, 1, 2, 3)),  # odd left pad: phases swap
+    dict(c_in=6, c=7, h=6, w=33, kernel=(3, 3), stride=(1, 2), pads=(0, 0, 1, 1)),  # groups of 7, no top/left pad
+])
+@pytest.mark.parametrize("n_static", [None, 2])
+@pytest.mark.parametrize("epilogues", [((False, None), (False, None)), ((True, Clip(0.0, 6.0)), (True, "relu"))])
+def test_expand_depthwise_matches_torch(case, n_static, epilogues):
+    """The fused 1x1 + depthwise kernel equals the two convolutions one after the other (MobileNet's expand and
+    depthwise), with and without their epilogues, at strides 1 and 2, asymmetric pads and odd widths."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(7)
+    (e_bias, e_act), (d_bias, d_act) = epilogues
+    c_in, c, (kh, kw) = case["c_in"], case["c"], case["kernel"]
+    we = rng.standard_normal((c, c_in)).astype(np.float32)
+    be = rng.standard_normal(c).astype(np.float32) if e_bias else None
+    wd = rng.standard_normal((c, 1, kh, kw)).astype(np.float32)
+    bd = rng.standard_normal(c).astype(np.float32) if d_bias else None
+    kern = kernels.expand_depthwise("ed_t", c_in, c, case["h"], case["w"], we, be, e_act, wd, case["stride"],
+                                    case["pads"], (1, 1), bd, d_act, PARAMS, n_static=n_static)
+    x = rng.standard_normal((2, c_in, case["h"], case["w"])).astype(np.float32)
+    t = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
+    e = F.conv2d(torch.tensor(x), torch.tensor(we[:, :, None, None]), t(be))
+    if e_act is not None:
+        assert (e < 0).any() and (e > 6).any()
+        e = e.clamp(0.0, 6.0)
+    top, left, bottom, right = case["pads"]
+    ref = F.conv2d(F.pad(e, (left, right, top, bottom)), torch.tensor(wd), t(bd), case["stride"], groups=c)
+    ref = (torch.relu(ref) if d_act == "relu" else ref).numpy()
+    np.testing.assert_allclose(_run(_build(kern), kern, [x], ref.shape), ref, rtol=1e-4, atol=1e-4)

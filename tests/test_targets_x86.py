@@ -94,6 +94,28 @@ def test_depthwise_convolutions_run_spcs_kernel(tmp_path):
     assert [layer["fused"] for layer in layers] == [relu6] + [relu6, relu6, ["bias"]] * 2 + [["bias"]]
 
 
+@pytest.mark.parametrize("kernel", [None, "bsr"])
+def test_expand_and_depthwise_convolutions_run_as_one_kernel(tmp_path, monkeypatch, kernel):
+    """Each block's 1x1 expand and the depthwise conv after it (32 x 32 maps, stride 1 then 2) become one kernel
+    (kernels/expand_depthwise.py) when the map between them is large enough; a block-sparse expand stays apart."""
+    from spc.targets import lower
+
+    monkeypatch.setattr(lower, "EXPAND_DEPTHWISE_MIN_ELEMENTS", 32 * 32 * 32)  # MobileNetV2 pairs from 1 << 18
+    manifest = compile_model(testing.mobile(channels=8, size=64), "x86", tmp_path, kernel=kernel)
+    _check_against_ort(tmp_path, manifest, batch=3)
+    library = (tmp_path / "model.so").read_bytes()
+    fused = [layer["fused"] for layer in manifest["layers"]]
+    relu6 = ["bias", "clip(0,6)"]
+    if kernel is None:
+        assert b"spc_expand_dwconv" in library and b"spc_dwconv" not in library
+        pair = [relu6 + ["depthwise conv (one kernel)"], ["1x1 conv (one kernel)"] + relu6, ["bias"]]
+        assert fused == [relu6] + pair * 2 + [["bias"]]
+    else:
+        assert b"spc_expand_dwconv" not in library and b"spc_dwconv" in library
+        assert fused == [relu6] + [relu6, relu6, ["bias"]] * 2 + [["bias"]]
+        assert [layer["kernel"] for layer in manifest["layers"]][1:3] == ["bsr", "dense"]
+
+
 def test_a_depthwise_input_too_large_for_the_kernel_stays_with_tvm(tmp_path, monkeypatch):
     from spc.targets import lower
 

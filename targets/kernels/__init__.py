@@ -16,6 +16,7 @@ One kernel family per module:
 * ``batch_matmul.py``  ``batch_matmul`` of two activations (attention).
 * ``rows.py``          ``layer_norm`` and ``softmax`` over the last axis.
 * ``depthwise.py``     ``depthwise_conv2d`` (NCHW, one input channel per output channel).
+* ``expand_depthwise.py`` ``expand_depthwise``: a 1x1 conv and the depthwise conv after it, in one kernel.
 * ``pool.py``          ``max_pool2d`` (NCHW).
 * ``source.py``        what all of them are built from (target parameters, source builder, tile accumulation).
 """
@@ -27,12 +28,14 @@ from .conv_layout import ConvGeom, bsr_conv_tile, pack_conv_weight
 from .conv_planes import plane_offsets
 from .dense import dense_matmul, pack_dense_weight
 from .depthwise import depthwise_conv2d
+from .expand_depthwise import expand_depthwise
+from .expand_depthwise import group_size as expand_group_size
 from .pool import max_pool2d
 from .rows import layer_norm, softmax
 from .source import ACTIVATIONS, CpuKernelParams, Kernel
 
 __all__ = [
     "ACTIVATIONS", "BSR", "ConvGeom", "CpuKernelParams", "Kernel", "batch_matmul", "bsr_conv_tile", "bsr_matmul",
-    "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "layer_norm", "max_pool2d",
+    "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "expand_depthwise", "expand_group_size", "layer_norm", "max_pool2d",
     "pack_conv_weight", "pack_dense_weight", "plane_offsets", "scaled_indices", "softmax", "to_bsr",
 ]
