@@ -10,7 +10,9 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 * ``clip``: ReLU6 (ONNX Clip) fused into the producing kernel's epilogue (fusion.py) on MobileNetV2;
 * ``pad``: zero Pad ops folded into the convolution after them (fold.py) on EfficientNet-Lite0 (bench extra);
 * ``expand_depthwise``: a 1x1 conv and the depthwise conv after it as one kernel (kernels/expand_depthwise.py)
-  against spc's two kernels, on MobileNetV2 (batch 1 and 8) and EfficientNet-Lite0.
+  against spc's two kernels, on MobileNetV2 (batch 1 and 8) and EfficientNet-Lite0;
+* ``depthwise_flat``: the depthwise kernel's flat form on maps narrower than a vector (kernels/depthwise.py)
+  against its row form, on EfficientNet-Lite0's and MobileNetV2's small-map layers alone and in the models.
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -45,10 +47,17 @@ def lone_pool():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def lone_depthwise(channels: int, size: int, stride: int):
+# depthwise layers on maps narrower than a vector (EfficientNet-Lite0's 5x5 and MobileNetV2's 3x3): (channels,
+# input size, stride, kernel)
+SMALL_MAP_DEPTHWISE = [(480, 14, 2, 5), (672, 14, 1, 5), (672, 14, 2, 5), (1152, 7, 1, 5), (576, 14, 1, 3),
+                       (960, 7, 1, 3)]
+
+
+def lone_depthwise(channels: int, size: int, stride: int, kernel: int = 3):
     from spc.targets.measure import LayerSpec
 
-    spec = LayerSpec("conv", 1, size, size, (3, 3), (stride, stride), (1, 1, 1, 1), depthwise=True, bias=True)
+    pad = kernel // 2
+    spec = LayerSpec("conv", 1, size, size, (kernel, kernel), (stride, stride), (pad,) * 4, depthwise=True, bias=True)
     return spec.model(channels, channels)
 
 
@@ -100,15 +109,25 @@ def rule_switch(rule: str):
         models["MobileNetV2 224x224, batch 8"] = (lambda: testing.mobilenet_v2(size=224, batch=8), [8, 3, 224, 224])
         models["EfficientNet-Lite0 224x224, batch 1"] = (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])
         return (lambda on: setattr(lower, "EXPAND_DEPTHWISE_MIN_ELEMENTS", original if on else 0)), models
+    if rule == "depthwise_flat":
+        from spc.targets.kernels import depthwise
+
+        original = depthwise._flat_pays
+        models = {f"depthwise {k}x{k}/{s}, {c}x{n}x{n}": (lambda c=c, n=n, s=s, k=k: lone_depthwise(c, n, s, k),
+                                                          [1, c, n, n])
+                  for c, n, s, k in SMALL_MAP_DEPTHWISE}
+        models["EfficientNet-Lite0 224x224, batch 1"] = (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])
+        models.update(mobilenet)
+        return (lambda on: setattr(depthwise, "_flat_pays", original if on else (lambda g, lanes: False))), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
-    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise)")
+    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad or expand_depthwise")
+    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad, expand_depthwise or depthwise_flat")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)
@@ -150,7 +169,7 @@ def main(argv=None) -> int:
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
-        off = "two kernels" if args.rule == "expand_depthwise" else "TVM"  # what the rule replaces
+        off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows"}.get(args.rule, "TVM")  # what it replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
               f"[{row['q25']:.2f}-{row['q75']:.2f}], max |diff| {row['max_abs_diff']:.1e}; ONNX Runtime "

@@ -345,10 +345,13 @@ def test_max_pool2d_matches_torch(case, n_static):
     dict(c=5, h=15, w=17, kernel=(5, 5), stride=(2, 2), pads=(2, 1, 2, 3), dilation=(1, 1)),  # asymmetric pads
     dict(c=4, h=7, w=7, kernel=(3, 3), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(2, 2)),
     dict(c=3, h=9, w=20, kernel=(3, 1), stride=(1, 2), pads=(0, 0, 0, 0), dilation=(1, 1)),
+    dict(c=3, h=4, w=32, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1)),  # rows of whole vectors
+    dict(c=2, h=7, w=7, kernel=(5, 5), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(1, 1)),  # EfficientNet's 7x7
 ])
 @pytest.mark.parametrize("n_static", [None, 2])
 @pytest.mark.parametrize("epilogue", [(False, None), (True, "relu"), (True, Clip(-0.5, 0.5))])
 def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
+    """Both forms (kernels/depthwise.py): rows of vectors for the 32-wide map, flat for the others."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
     with_bias, act = epilogue

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .depthwise import Planes, emit_depthwise_rows
+from .depthwise import Planes, emit_depthwise_rows, pieces
 from .source import (
     Clip,
     CpuKernelParams,
@@ -76,17 +76,11 @@ def expand_depthwise(name: str, c_in: int, c: int, h: int, w: int, expand_weight
     loop = _loop(c * c_in * h * w + c * geo.oh * geo.ow * kh * kw)
     a(3, f"for r in {loop}({h}):")
     chunk = 2 * lanes
-    pieces = [(x0, chunk) for x0 in range(0, w - w % chunk, chunk)]
-    done = w - w % chunk
-    while done < w:
-        piece = 1 << ((w - done).bit_length() - 1)
-        pieces.append((done, piece))
-        done += piece
     full = w // chunk
     if full:  # whole chunks: one loop
         _expand_piece(a, 4, geo, g, c_in, "xo * " + str(chunk), chunk, expand_bias is not None, expand_act, params,
                       loop=("xo", full))
-    for x0, size in pieces[full:]:
+    for x0, size in pieces(w, chunk)[full:]:
         _expand_piece(a, 4, geo, g, c_in, str(x0), size, expand_bias is not None, expand_act, params)
     a(3, f"for j in {loop}({g}):")
     emit_depthwise_rows(a, 4, geo, f"j * {geo.size}", f"grp * {g} + j", f"Y[image, grp * {g} + j, ",
