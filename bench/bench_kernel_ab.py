@@ -12,7 +12,9 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 * ``expand_depthwise``: a 1x1 conv and the depthwise conv after it as one kernel (kernels/expand_depthwise.py)
   against spc's two kernels, on MobileNetV2 (batch 1 and 8) and EfficientNet-Lite0;
 * ``depthwise_flat``: the depthwise kernel's flat form on maps narrower than a vector (kernels/depthwise.py)
-  against its row form, on EfficientNet-Lite0's and MobileNetV2's small-map layers alone and in the models.
+  against its row form, on EfficientNet-Lite0's and MobileNetV2's small-map layers alone and in the models;
+* ``small_1x1``: 1x1 convs on small maps vectorised over output channels (lower.py ``_small_map_1x1``) against
+  conv2d's pixel vectors, on EfficientNet-Lite0 and MobileNetV2 (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -119,15 +121,21 @@ def rule_switch(rule: str):
         models["EfficientNet-Lite0 224x224, batch 1"] = (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])
         models.update(mobilenet)
         return (lambda on: setattr(depthwise, "_flat_pays", original if on else (lambda g, lanes: False))), models
+    if rule == "small_1x1":
+        original = lower._small_map_1x1
+        models = {"EfficientNet-Lite0 224x224, batch 1": (lambda: _efficientnet_lite0(testing), [1, 3, 224, 224])}
+        models.update(mobilenet)
+        models["MobileNetV2 224x224, batch 8"] = (lambda: testing.mobilenet_v2(size=224, batch=8), [8, 3, 224, 224])
+        return (lambda on: setattr(lower, "_small_map_1x1", original if on else (lambda g: False))), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
-    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat)")
+    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat, small_1x1)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad, expand_depthwise or depthwise_flat")
+    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat or small_1x1")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
-        off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows"}.get(args.rule, "TVM")  # what it replaces
+        off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors"}.get(
+            args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
               f"[{row['q25']:.2f}-{row['q75']:.2f}], max |diff| {row['max_abs_diff']:.1e}; ONNX Runtime "

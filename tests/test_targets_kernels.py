@@ -59,6 +59,23 @@ def test_dense_matmul_static_rows(m):
     np.testing.assert_allclose(_run(_build(kern), kern, [x], (m, 40)), x @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("images", [None, 3])
+@pytest.mark.parametrize("pixels,k,n", [(49, 40, 24), (13, 20, 70), (196, 96, 16)])
+def test_dense_matmul_channels_first(images, pixels, k, n):
+    """A 1x1 convolution of NCHW images vectorised over output channels (small maps): per image, pixel tiles of
+    rows with 4- and 1-row tails, panel tails of output channels; the batch symbolic or static."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    kern = kernels.dense_matmul("dense_cf", w, b, "relu", PARAMS, None if images is None else images * pixels,
+                                channels_first=pixels)
+    lib = _build(kern)
+    for count in (1, 3) if images is None else (3,):
+        x = rng.standard_normal((count, k, pixels)).astype(np.float32)
+        ref = np.maximum(np.einsum("ikp,kn->inp", x, w) + b[None, :, None], 0)
+        np.testing.assert_allclose(_run(lib, kern, [x], ref.shape), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,n,block", [(30, 21, (4, 1)), (32, 64, (16, 1)), (33, 10, (2, 2))])
 def test_bsr_matmul(k, n, block):
     rng = np.random.default_rng(2)

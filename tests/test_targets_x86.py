@@ -116,6 +116,41 @@ def test_expand_and_depthwise_convolutions_run_as_one_kernel(tmp_path, monkeypat
         assert [layer["kernel"] for layer in manifest["layers"]][1:3] == ["bsr", "dense"]
 
 
+def _small_map_convs() -> onnx.ModelProto:
+    """1x1 convs on maps that fill pixel vectors badly: 32 -> 8 on 14x14 (contracting), then a 3x3/2 conv to 7x7
+    and 16 -> 40 on 7x7 (expanding), symbolic batch."""
+    rng = np.random.default_rng(9)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c2", "w3", "b3"], ["y"], kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_maps", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32, 14, 14])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 40, 7, 7])],
+        [init("w1", 8, 32, 1, 1), init("b1", 8), init("w2", 16, 8, 3, 3), init("b2", 16), init("w3", 40, 16, 1, 1),
+         init("b3", 40)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_small_map_1x1_convolutions_run_vectorised_over_channels(tmp_path, monkeypatch):
+    """Both 1x1 convs take the channels-vectorised kernel (dense_matmul(channels_first=)); outputs as ORT's."""
+    from spc.targets import lower
+
+    chosen = []
+    original = lower._small_map_1x1
+    monkeypatch.setattr(lower, "_small_map_1x1", lambda g: chosen.append(original(g)) or chosen[-1])
+    manifest = compile_model(_small_map_convs(), "x86", tmp_path)
+    assert chosen == [True, False, True]  # the 3x3 conv between them keeps conv2d
+    assert [layer["fused"] for layer in manifest["layers"]] == [["bias", "relu"], ["bias"], ["bias"]]
+    _check_against_ort(tmp_path, manifest, batch=3)
+
+
 def test_a_depthwise_input_too_large_for_the_kernel_stays_with_tvm(tmp_path, monkeypatch):
     from spc.targets import lower
 

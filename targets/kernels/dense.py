@@ -68,8 +68,13 @@ def dense_matmul(
     act: str | None,
     params: CpuKernelParams,
     m_static: int | None = None,
+    channels_first: int | None = None,
 ) -> Kernel:
-    """Y[m, N] = X[m, K] @ W[K, N] (+ bias) (relu). m is symbolic unless m_static is given."""
+    """Y[m, N] = X[m, K] @ W[K, N] (+ bias) (relu). m is symbolic unless m_static is given.
+
+    ``channels_first`` = P reads X as [m / P, K, P] and writes Y as [m / P, N, P]: a 1x1 convolution of NCHW
+    images of P pixels, vectorised over output channels (row m is pixel m % P of image m // P), for small maps
+    whose pixel count fills vectors badly (``conv2d`` vectorises over pixels)."""
     k_dim, n_dim = (int(d) for d in w_kn.shape)
     nr, ku = params.nr, params.ku
     mr = _choose_mr(params, m_static)
@@ -79,13 +84,36 @@ def dense_matmul(
     mt = f"(({m} + {mr - 1}) // {mr})"
     a = _Src()
     args = ["x: T.handle", "w: T.handle"] + (["b: T.handle"] if bias is not None else []) + ["y: T.handle"]
-    a.signature(name, args, ("m",) if m_static is None else ())
-    a(1, f'X = T.match_buffer(x, ({m}, {k_dim}), "float32")')
+    if channels_first:  # symbolic: the number of images
+        px = channels_first
+        a.signature(name, args, ("n_images",) if m_static is None else ())
+        images = "n_images" if m_static is None else str(m_static // px)
+        a(1, f'X = T.match_buffer(x, ({images}, {k_dim}, {px}), "float32")')
+    else:
+        a.signature(name, args, ("m",) if m_static is None else ())
+        a(1, f'X = T.match_buffer(x, ({m}, {k_dim}), "float32")')
     a(1, f'W = T.match_buffer(w, ({np_}, {k_dim}, {nr}), "float32")')
     if bias is not None:
         a(1, f'B = T.match_buffer(b, ({n_dim},), "float32")')
-    a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
-    a(1, f"for t in {_loop(m_static * k_dim * n_dim if m_static is not None else None)}({np_} * {mt}):")
+    if channels_first:
+        a(1, f'Y = T.match_buffer(y, ({images}, {n_dim}, {px}), "float32")')
+    else:
+        a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
+
+    def x_at(row: str, k: str) -> str:
+        return f"X[image, {k}, {row}]" if channels_first else f"X[{row}, {k}]"
+
+    def y_at(row: str, col: str) -> str:
+        return f"Y[image, {col}, {row}]" if channels_first else f"Y[{row}, {col}]"
+
+    ind = 1
+    rows_static = m_static
+    if channels_first:  # tiles of pixels within each image
+        a(1, f"for image in range({images}):")
+        ind, m, rows_static = 2, str(px), px
+        mr = _choose_mr(params, px)
+        mt = f"(({m} + {mr - 1}) // {mr})"
+    a(ind, f"for t in {_loop(rows_static * k_dim * n_dim if rows_static is not None else None)}({np_} * {mt}):")
     panel = f"(t // {mt})"
     tile = f"(t % {mt})"
 
@@ -98,7 +126,7 @@ def dense_matmul(
             k_extent=str(k_dim),
             k_static=k_dim,
             ku=ku,
-            bcast=lambda i, k: f"X[{row0} + {i}, {k}]",
+            bcast=lambda i, k: x_at(f"{row0} + {i}", k),
             vload=lambda k, v: f"W[{panel}, {k}, {v}]",
         )
 
@@ -108,12 +136,12 @@ def dense_matmul(
                 val = _epilogue(f"{acc}{i}[v]", f"B[{col}]" if bias is not None else None, act)
                 if vec:
                     a(ind2, f"for v in T.vectorized({nr}):")
-                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+                    a(ind2 + 1, f"{y_at(f'{row0} + {i}', col)} = {val}")
                 else:
                     scratch = _spill(a, ind2, f"{acc}{i}", nr)
                     val = _epilogue(f"{scratch}[v]", f"B[{col}]" if bias is not None else None, act)
                     a(ind2, f"for v in range({width_expr}):")
-                    a(ind2 + 1, f"Y[{row0} + {i}, {col}] = {val}")
+                    a(ind2 + 1, f"{y_at(f'{row0} + {i}', col)} = {val}")
 
         if n_dim % nr == 0:
             store(ind, "", True)
@@ -126,7 +154,7 @@ def dense_matmul(
             else:
                 store(ind, str(n_dim), False)
 
-    _row_tiles(a, 2, m=m, m_static=m_static, mr=mr, tile=tile, emit_tile=emit_tile)
+    _row_tiles(a, ind + 1, m=m, m_static=rows_static, mr=mr, tile=tile, emit_tile=emit_tile)
     src = a.text()
     consts = [pack_dense_weight(w_kn, nr)]
     if bias is not None:
