@@ -57,10 +57,21 @@ def models():
                     lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128, batch=1), "input", None),
         "mobilenet_v2": ("MobileNetV2 (torchvision layout, random weights), 224x224",
                          lambda: testing.mobilenet_v2(size=224, batch=1), "input", None),
+        "efficientnet_lite0": ("EfficientNet-Lite0 (bench extra efficientnet-lite-pytorch, random weights), 224x224",
+                               _efficientnet_lite0, "input", None),
         "digits_cnn": ("digits CNN (trained, models/)", lambda: _load("models/digits_cnn.onnx"), "image", "digits"),
         "digits_transformer": ("digits transformer (trained, models/)",
                                lambda: _load("models/digits_transformer.onnx"), "image", "digits"),
     }
+
+
+def _efficientnet_lite0():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_targets import efficientnet_lite0
+
+    from spc.targets import testing
+
+    return efficientnet_lite0(testing)
 
 
 def _load(path):
