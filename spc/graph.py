@@ -112,6 +112,26 @@ def _symbolic_shape_inference():
     return sys.modules[name].SymbolicShapeInference
 
 
+COMPUTED_MAX_ELEMENTS = 4096
+_NOT_COMPUTABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                   "Bernoulli"}
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
+
+
+def _evaluate(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> dict[str, np.ndarray]:
+    """One node on constant inputs with onnx.reference; {} where the reference cannot evaluate it."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        outputs = ReferenceEvaluator(node, opsets={"": opset}).run(None, inputs)
+    except Exception:  # noqa: BLE001 - an op the reference does not know stays "computed at run time"
+        return {}
+    return {out: np.asarray(value) for out, value in zip(node.output, outputs) if out}
+
+
 class Graph:
     """Indexes over ``model`` for the analysis; build once, never mutate the model underneath it."""
 
@@ -133,6 +153,7 @@ class Graph:
         self.outputs = [value.name for value in model.graph.output]
         self.initializers = {init.name: init for init in model.graph.initializer}
         self._weights: dict[str, np.ndarray] = {}
+        self._computed: dict[str, np.ndarray | None] = {}
         self.shapes: dict[str, Shape | None] = {}
         self.dtypes: dict[str, int] = {}
         self._read_shapes(infer_shapes(model))
@@ -173,6 +194,33 @@ class Graph:
         if array.size <= 65536:
             self._weights[name] = array
         return array
+
+    def computed(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is an initializer or a small computation on constants only (at most
+        ``COMPUTED_MAX_ELEMENTS`` values at every step, default-domain ops, evaluated with onnx.reference under the
+        model's opset), else None. For rules that only *read* a constant: PyTorch exports ``F.pad`` amounts as
+        Constant -> ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Cast (EfficientNet-Lite0's
+        "same" padding), which pinned every padded channel group while only initializers counted."""
+        if name in self._computed:
+            return self._computed[name]
+        value = self.weight(name)
+        node = self.producer.get(name)
+        if value is None and node is not None and node.domain in ("", "ai.onnx") \
+                and node.op_type not in _NOT_COMPUTABLE and not _has_subgraph(node):
+            self._computed[name] = None  # cycles and repeated misses stop here
+            inputs = {}
+            for source in node.input:
+                known = self.computed(source) if source else None
+                if source and (known is None or known.size > COMPUTED_MAX_ELEMENTS):
+                    break
+                if source:
+                    inputs[source] = known
+            else:
+                value = _evaluate(node, inputs, self.opset).get(name)
+                if value is not None and value.size > COMPUTED_MAX_ELEMENTS:
+                    value = None
+        self._computed[name] = value
+        return value
 
     def is_weight(self, name: str) -> bool:
         """A float initializer: something pruning slices and importance measures (int constants are shapes)."""

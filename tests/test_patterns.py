@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 import spc
 from spc.io import from_proto
@@ -139,6 +139,26 @@ def test_pooling_resize_pad_keep_channels():
     a = b.op("GlobalAveragePool", [a])
     y = b.op("Conv", [a, b.w(3, 6, 1, 1)])
     check_oracle(b.model(y))
+
+
+def test_pad_amounts_computed_from_constants_keep_channels():
+    """PyTorch's F.pad export: the amounts come out of Constant -> ConstantOfShape -> Concat -> Reshape -> Slice ->
+    Transpose -> Reshape -> Cast on constants only (EfficientNet-Lite0's "same" padding). spc evaluates them, so
+    the padded channels stay prunable (they were pinned: "pads are computed at run time")."""
+    b = GraphBuilder(opset=13)
+    x = image(b)
+    a = conv_bn_relu(b, x, 3, 6)
+    zeros = b.op("ConstantOfShape", [b.ints(4)], value=numpy_helper.from_array(np.array([0], dtype=np.int64)))
+    amounts = b.op("Concat", [b.ints(0, 1, 1, 2), zeros], axis=0)  # F.pad's (left, right, top, bottom) + zeros
+    pairs = b.op("Reshape", [amounts, b.ints(-1, 2)])
+    pairs = b.op("Slice", [pairs, b.ints(-1), b.ints(-9223372036854775807), b.ints(0), b.ints(-1)])
+    pads = b.op("Cast", [b.op("Reshape", [b.op("Transpose", [pairs], perm=[1, 0]), b.ints(-1)])], to=TensorProto.INT64)
+    a = b.op("Pad", [a, pads])
+    d = b.op("Conv", [a, b.w(6, 1, 3, 3)], group=6)
+    y = b.op("Conv", [d, b.w(3, 6, 1, 1)])
+    analysis = check_oracle(b.model(y))
+    assert analysis.prunable_groups and analysis.prunable_groups[0].size == 6
+    assert not any("computed at run time" in str(reason) for reason in analysis.pin_reasons.tolist())
 
 
 def test_resize_with_sizes_is_rewritten():

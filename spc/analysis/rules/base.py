@@ -126,6 +126,11 @@ class OpContext:
     def const(self, name: str) -> np.ndarray | None:
         return self.graph.weight(name) if name else None
 
+    def value(self, name: str) -> np.ndarray | None:
+        """``const``, or a small computation on constants only (``Graph.computed``): for values a rule reads and
+        the rewrite never edits (a rule that slices a constant needs it to be an initializer: ``const``)."""
+        return self.graph.computed(name) if name else None
+
     def input(self, index: int) -> str:
         return self.inputs[index] if index < len(self.inputs) else ""
 

@@ -159,14 +159,14 @@ def pad(ctx):
     x, y = ctx.inputs[0], ctx.outputs[0]
     rank = ctx.rank(x)
     pads = ctx.attr("pads")
-    if pads is None:
-        value = ctx.const(ctx.input(1))
+    if pads is None:  # read only: the channel axes this rule ties are never padded, so pads never change
+        value = ctx.value(ctx.input(1))
         if value is None:
             raise RuleRefused("pads are computed at run time")
         pads = value.reshape(-1).tolist()
     axes = list(range(rank))
     if ctx.input(3):
-        value = ctx.const(ctx.input(3))
+        value = ctx.value(ctx.input(3))
         if value is None:
             raise RuleRefused("pad axes are computed at run time")
         axes = [int(a) + rank if a < 0 else int(a) for a in value.reshape(-1)]
