@@ -203,6 +203,9 @@ class Graph:
         "same" padding), which pinned every padded channel group while only initializers counted."""
         if name in self._computed:
             return self._computed[name]
+        init = self.initializers.get(name)
+        if init is not None and int(np.prod(init.dims, dtype=np.int64)) > COMPUTED_MAX_ELEMENTS:
+            return None  # a weight, not a shape constant: not read for this
         value = self.weight(name)
         node = self.producer.get(name)
         if value is None and node is not None and node.domain in ("", "ai.onnx") \

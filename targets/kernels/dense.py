@@ -77,7 +77,7 @@ def dense_matmul(
     whose pixel count fills vectors badly (``conv2d`` vectorises over pixels)."""
     k_dim, n_dim = (int(d) for d in w_kn.shape)
     nr, ku = params.nr, params.ku
-    mr = _choose_mr(params, m_static)
+    mr = _choose_mr(params, channels_first or m_static)  # channels_first: tiles of one image's pixels
     np_ = _ceil(n_dim, nr)
     full_panels = n_dim // nr
     m = "m" if m_static is None else str(m_static)
@@ -111,7 +111,6 @@ def dense_matmul(
     if channels_first:  # tiles of pixels within each image
         a(1, f"for image in range({images}):")
         ind, m, rows_static = 2, str(px), px
-        mr = _choose_mr(params, px)
         mt = f"(({m} + {mr - 1}) // {mr})"
     a(ind, f"for t in {_loop(rows_static * k_dim * n_dim if rows_static is not None else None)}({np_} * {mt}):")
     panel = f"(t // {mt})"
