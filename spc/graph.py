@@ -121,8 +121,9 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
 
 
-def _evaluate(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> dict[str, np.ndarray]:
-    """One node on constant inputs with onnx.reference; {} where the reference cannot evaluate it."""
+def evaluate_node(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> dict[str, np.ndarray]:
+    """One node on constant inputs with onnx.reference under ``opset`` (Squeeze, Slice, ... changed their inputs
+    between versions); {} where the reference cannot evaluate it."""
     from onnx.reference import ReferenceEvaluator
 
     try:
@@ -219,7 +220,7 @@ class Graph:
                 if source:
                     inputs[source] = known
             else:
-                value = _evaluate(node, inputs, self.opset).get(name)
+                value = evaluate_node(node, inputs, self.opset).get(name)
                 if value is not None and value.size > COMPUTED_MAX_ELEMENTS:
                     value = None
         self._computed[name] = value

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spc.graph import node_attr
+from spc.graph import evaluate_node, node_attr
 from spc.rewrite import unique_name
 
 
@@ -135,8 +135,6 @@ def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     ``SHAPE_FOLD_MAX_ELEMENTS`` values) evaluated (onnx.reference) into initializers; returns it and the number of
     nodes folded. PyTorch exports ``F.pad`` amounts as Constant -> Concat -> Reshape -> Slice -> Transpose -> Cast,
     which TVM's importer rejects ("Dynamic pads are not supported") and ``fold_pad`` cannot read."""
-    from onnx.reference import ReferenceEvaluator
-
     model_out = onnx.ModelProto()
     model_out.CopyFrom(model)
     graph = model_out.graph
@@ -151,16 +149,12 @@ def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 or any(o in graph_outputs for o in node.output)
                 or any(name and name not in values for name in node.input)):
             continue
-        try:  # the model's opset: Squeeze, Slice, ... changed their inputs between versions
-            evaluator = ReferenceEvaluator(node, opsets={"": opset})
-            outputs = evaluator.run(None, {name: values[name] for name in node.input if name})
-        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays in the graph
-            continue
-        if any(np.asarray(out).size > SHAPE_FOLD_MAX_ELEMENTS for out in outputs):
-            continue
-        for name, out in zip(node.output, outputs):
-            values[name] = np.asarray(out)
-            graph.initializer.append(numpy_helper.from_array(values[name], name))
+        outputs = evaluate_node(node, {name: values[name] for name in node.input if name}, opset)
+        if not outputs or any(out.size > SHAPE_FOLD_MAX_ELEMENTS for out in outputs.values()):
+            continue  # an op the reference cannot evaluate stays in the graph
+        for name, out in outputs.items():
+            values[name] = out
+            graph.initializer.append(numpy_helper.from_array(out, name))
         released.update(node.input)
         remove.add(index)
     _drop_nodes(graph, remove)
