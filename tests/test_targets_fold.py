@@ -19,6 +19,14 @@ def _bn(name: str, x: str, y: str, c: int, rng) -> tuple[onnx.NodeProto, list[on
     return helper.make_node("BatchNormalization", [x, *names], [y], name=name, epsilon=1e-3), inits
 
 
+
+def _checked_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    """An opset-17 model of ``nodes``, checked by onnx.checker."""
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
 def _model() -> onnx.ModelProto:
     """conv_a (bias) -> bn_a -> relu; conv_b and conv_c share one weight, each followed by its own BN; conv_d's
     output feeds its BN and an Add (not foldable)."""
@@ -47,11 +55,8 @@ def _model() -> onnx.ModelProto:
         helper.make_node("Add", ["d", "d_bn"], ["d_sum"], name="add_d"),
         helper.make_node("Sum", ["b_bn", "c_bn", "d_sum"], ["y"], name="sum"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 6, 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return _checked_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 6, 6])], inits)
 
 
 def test_folded_model_computes_the_same():
@@ -123,12 +128,9 @@ def _pad_model() -> onnx.ModelProto:
         helper.make_node("Pad", ["c", "p_ch"], ["cd"], name="pad_d"),
         helper.make_node("Conv", ["cd", "wd"], ["y"], name="conv_d"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 9, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 7, 7]),
-                               helper.make_tensor_value_info("c_side", TensorProto.FLOAT, ["n", 4, 7, 7])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return _checked_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 7, 7]),
+                           helper.make_tensor_value_info("c_side", TensorProto.FLOAT, ["n", 4, 7, 7])], inits)
 
 
 def test_zero_pads_fold_into_the_convolution_after_them():
@@ -181,12 +183,9 @@ def _computed_pad_model() -> onnx.ModelProto:
     ]
     inits = [w, big, numpy_helper.from_array(np.array([0], np.int64), "zero1"),
              numpy_helper.from_array(np.array([8], np.int64), "eight")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4, 5]),
-                               helper.make_tensor_value_info("big2", TensorProto.FLOAT, [5000])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return _checked_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4, 5]),
+                           helper.make_tensor_value_info("big2", TensorProto.FLOAT, [5000])], inits)
 
 
 def test_pad_amounts_computed_from_constants_fold_too(tmp_path):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bsr import BSR, _bsr_buffers
-from .source import CpuKernelParams, _ceil, _Src
+from .source import CpuKernelParams, _ceil, _Src, window_count
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,11 @@ class ConvGeom:
 
     @property
     def oh(self) -> int:
-        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        return window_count(self.h, self.pad[0], self.pad[2], self.kh, self.dilation[0], self.stride[0])
 
     @property
     def ow(self) -> int:
-        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return window_count(self.w, self.pad[1], self.pad[3], self.kw, self.dilation[1], self.stride[1])
 
     @property
     def k(self) -> int:

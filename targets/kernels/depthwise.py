@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .source import Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src
+from .source import Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src, window_count
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,11 @@ class Planes:
 
     @property
     def oh(self) -> int:
-        return (self.h + self.pads[0] + self.pads[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        return window_count(self.h, self.pads[0], self.pads[2], self.kh, self.dilation[0], self.stride[0])
 
     @property
     def ow(self) -> int:
-        return (self.w + self.pads[1] + self.pads[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return window_count(self.w, self.pads[1], self.pads[3], self.kw, self.dilation[1], self.stride[1])
 
     @property
     def part(self) -> int:  # columns of one phase

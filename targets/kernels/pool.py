@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .source import Kernel, _loop, _parse, _Src
+from .source import Kernel, _loop, _parse, _Src, window_count
 
 NEG = "T.float32(-3.4028234663852886e38)"
 
@@ -18,7 +18,7 @@ def max_pool2d(name: str, c: int, h: int, w: int, kernel: tuple[int, int], strid
     image (pads: top, left, bottom, right; each smaller than the kernel, so every window holds one). No dilation,
     floor-mode output size."""
     (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, stride, pads
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    oh, ow = window_count(h, pt, pb, kh, 1, sh), window_count(w, pl, pr, kw, 1, sw)
     width = max(pl + w + pr, (ow - 1) * sw + kw)  # the row buffer: padding, the image's columns, what windows reach
     n = "n_batch" if n_static is None else str(n_static)
     a = _Src()

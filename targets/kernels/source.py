@@ -54,6 +54,11 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def window_count(size: int, pad_begin: int, pad_end: int, kernel: int, dilation: int, stride: int) -> int:
+    """Output positions of a sliding window along one axis (convolution and pooling, floor mode)."""
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
 PARALLEL_MIN_MACS = 1 << 22  # below this a launch on the thread pool costs more than it saves (measured on 2 cores)
 PARALLEL_MIN_COPY = 1 << 18  # likewise for a copy (im2col, transposes), in elements
 
