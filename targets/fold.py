@@ -162,27 +162,44 @@ def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model_out, len(remove)
 
 
-def _zero_pad_amounts(pad: onnx.NodeProto, inits: dict) -> list[int] | None:
+def zero_pad_amounts(pad: onnx.NodeProto, value_of) -> list[int] | None:
     """The begin+end amounts of a constant-mode Pad with constant, non-negative amounts and a zero fill value (the
-    amounts as an input, opset >= 11, or an attribute before); None otherwise."""
+    amounts as an input, opset >= 11, or an attribute before); None otherwise. ``value_of(name)``: a constant
+    input's array, or None when it is computed at run time."""
     if pad.domain not in ("", "ai.onnx") or node_attr(pad, "mode", "constant") not in ("constant", b"constant"):
         return None
     if len(pad.input) > 3 and pad.input[3]:  # axes (opset 18): only the full form
         return None
     if len(pad.input) > 1 and pad.input[1]:
-        if pad.input[1] not in inits:
+        amounts = value_of(pad.input[1])
+        if amounts is None:
             return None
-        amounts = numpy_helper.to_array(inits[pad.input[1]]).reshape(-1).tolist()
+        amounts = np.asarray(amounts).reshape(-1).tolist()
     else:
         amounts = list(node_attr(pad, "pads", []) or [])
     if len(pad.input) > 2 and pad.input[2]:
-        if pad.input[2] not in inits or np.any(numpy_helper.to_array(inits[pad.input[2]]) != 0):
+        fill = value_of(pad.input[2])
+        if fill is None or np.any(np.asarray(fill) != 0):
             return None
     elif float(node_attr(pad, "value", 0.0)) != 0.0:
         return None
     if not amounts or len(amounts) % 2 or min(amounts) < 0:
         return None
     return [int(a) for a in amounts]
+
+
+def merged_conv_pads(conv: onnx.NodeProto, amounts: list[int]) -> list[int] | None:
+    """``conv``'s ``pads`` once a zero Pad of ``amounts`` (ONNX order, all axes) before it is merged into it; None if
+    the Pad touches batch or channels or the ranks differ."""
+    rank = len(amounts) // 2
+    if rank < 3 or any(amounts[axis] or amounts[rank + axis] for axis in (0, 1)):
+        return None
+    spatial = rank - 2
+    conv_pads = list(node_attr(conv, "pads", None) or [0] * (2 * spatial))
+    if len(conv_pads) != 2 * spatial:
+        return None
+    return ([conv_pads[i] + amounts[2 + i] for i in range(spatial)]
+            + [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)])
 
 
 def fold_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -209,16 +226,10 @@ def fold_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if (conv is None or conv.op_type != "Conv" or uses.get(pad.output[0], 0) != 1 or conv.input[0] != pad.output[0]
                 or node_attr(conv, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")):
             continue
-        amounts = _zero_pad_amounts(pad, inits)
-        rank = len(amounts) // 2 if amounts else 0
-        if amounts is None or any(amounts[axis] or amounts[rank + axis] for axis in (0, 1)):
+        amounts = zero_pad_amounts(pad, lambda name: numpy_helper.to_array(inits[name]) if name in inits else None)
+        merged = merged_conv_pads(conv, amounts) if amounts is not None else None
+        if merged is None:
             continue
-        spatial = rank - 2
-        conv_pads = list(node_attr(conv, "pads", None) or [0] * (2 * spatial))
-        if len(conv_pads) != 2 * spatial:
-            continue
-        merged = [conv_pads[i] + amounts[2 + i] for i in range(spatial)]
-        merged += [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
         for attribute in list(conv.attribute):
             if attribute.name == "pads":
                 conv.attribute.remove(attribute)

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .compile import LIBRARY, bundle_inputs, compile_model
 from .errors import SpcError
+from .kernels.source import window_count
 from .registry import TargetSpec, get_target
 
 _DEVICE_KIND = {"llvm": "cpu", "cuda": "cuda"}
@@ -26,9 +27,14 @@ _DEVICE_KIND = {"llvm": "cpu", "cuda": "cuda"}
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One prunable layer's shape, without its widths: ``model(ci, co)`` builds it at any width."""
+    """One prunable layer's shape, without its widths: ``model(ci, co)`` builds it at any width.
 
-    op: str  # "conv" or "matmul"
+    ``op="expand_depthwise"`` is a 1x1 conv (``ci`` -> ``co``, on the ``height`` x ``width`` map), its
+    ``activation`` and the depthwise conv (``kernel``, ``stride``, ``pads``, ``dilation``) that alone reads it: the
+    compiler runs such a pair as one kernel where the map between them is large (lower.can_pair), and timed apart
+    the two layers took up to 1.6x the pair's time in the model (the expanded map's trip through memory)."""
+
+    op: str  # "conv", "matmul" or "expand_depthwise"
     rows: int  # matmul: rows of the activation (tokens x batch); conv: batch
     height: int = 1  # conv input spatial size
     width: int = 1
@@ -38,43 +44,68 @@ class LayerSpec:
     dilation: tuple[int, int] = (1, 1)
     depthwise: bool = False  # one input channel per output channel (ci == co, group == co)
     bias: bool = False
+    activation: str = ""  # expand_depthwise: between the two convs, "", "relu" or "clip:LO:HI"
 
     def key(self) -> dict:
         return asdict(self)
 
     def model(self, ci: int, co: int, seed: int = 0) -> onnx.ModelProto:
+        """The layer alone at widths (ci, co); its first (or only) weight is named "W" (time_layer's sparsity map)."""
         rng = np.random.default_rng(seed)
         if self.depthwise:
             ci = co
+        inits, nodes = [], []
+
+        def conv(x: str, y: str, c_in: int, group: int, kernel, name: str, **attrs) -> None:
+            w = rng.standard_normal((co, c_in // group, *kernel))
+            inits.append(numpy_helper.from_array((w / np.sqrt(w[0].size)).astype(np.float32), "W" + name))
+            inputs = [x, "W" + name]
+            if self.bias:
+                inits.append(numpy_helper.from_array(rng.standard_normal(co).astype(np.float32), "B" + name))
+                inputs.append("B" + name)
+            nodes.append(helper.make_node("Conv", inputs, [y], name="layer" + name, kernel_shape=list(kernel),
+                                          group=group, **attrs))
+
+        spatial = dict(strides=list(self.stride), pads=list(self.pads), dilations=list(self.dilation))
         if self.op == "conv":
-            w = rng.standard_normal((co, 1 if self.depthwise else ci, *self.kernel)).astype(np.float32)
-            attrs = dict(kernel_shape=list(self.kernel), strides=list(self.stride), pads=list(self.pads),
-                         dilations=list(self.dilation), group=co if self.depthwise else 1)
-            x_shape = [self.rows, ci, self.height, self.width]
-            node = helper.make_node("Conv", ["input", "W"] + (["B"] if self.bias else []), ["output"], name="layer",
-                                    **attrs)
-            inits = [numpy_helper.from_array((w / np.sqrt(w[0].size)).astype(np.float32), "W")]
-            out_shape = [self.rows, co, *self.out_hw()]
+            conv("input", "output", ci, co if self.depthwise else 1, self.kernel, "", **spatial)
+            x_shape, out_shape = [self.rows, ci, self.height, self.width], [self.rows, co, *self.out_hw()]
+        elif self.op == "expand_depthwise":
+            conv("input", "expanded", ci, 1, (1, 1), "")
+            between = self._activation("expanded", "activated", inits, nodes)
+            conv(between, "output", co, co, self.kernel, "_depthwise", **spatial)
+            x_shape, out_shape = [self.rows, ci, self.height, self.width], [self.rows, co, *self.out_hw()]
         elif self.op == "matmul":
             x_shape, out_shape = [self.rows, ci], [self.rows, co]
             w = (rng.standard_normal((ci, co)) / np.sqrt(ci)).astype(np.float32)
-            inits = [numpy_helper.from_array(w, "W")]
-            node = helper.make_node("Gemm" if self.bias else "MatMul", ["input", "W"] + (["B"] if self.bias else []),
-                                    ["output"], name="layer")
+            inits.append(numpy_helper.from_array(w, "W"))
+            nodes.append(helper.make_node("Gemm" if self.bias else "MatMul", ["input", "W"] + (["B"] if self.bias else []),
+                                          ["output"], name="layer"))
+            if self.bias:
+                inits.append(numpy_helper.from_array(rng.standard_normal(co).astype(np.float32), "B"))
         else:
             raise SpcError(f"latency: unknown layer op {self.op!r}")
-        if self.bias:
-            inits.append(numpy_helper.from_array(rng.standard_normal(co).astype(np.float32), "B"))
-        graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+        graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
                                   [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
+    def _activation(self, x: str, y: str, inits: list, nodes: list) -> str:
+        """The activation node (appended to ``nodes``) from ``x``; returns the name its reader reads."""
+        if not self.activation:
+            return x
+        if self.activation == "relu":
+            nodes.append(helper.make_node("Relu", [x], [y], name="activation"))
+            return y
+        kind, low, high = self.activation.split(":")
+        if kind != "clip":
+            raise SpcError(f"latency: unknown activation {self.activation!r}")
+        inits += [numpy_helper.from_array(np.array(float(v), np.float32), n) for v, n in ((low, "lo"), (high, "hi"))]
+        nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [y], name="activation"))
+        return y
+
     def out_hw(self) -> list[int]:
-        out = []
-        for size, k, s, d, lo, hi in zip((self.height, self.width), self.kernel, self.stride, self.dilation,
-                                         self.pads[:2], self.pads[2:]):
-            out.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
-        return out
+        return [window_count(size, lo, hi, k, d, s) for size, k, s, d, lo, hi in
+                zip((self.height, self.width), self.kernel, self.stride, self.dilation, self.pads[:2], self.pads[2:])]
 
 
 class Runner:
@@ -163,8 +194,9 @@ class Measurer:
         return self.time_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
     def time_layer(self, layer: LayerSpec, ci: int, co: int, density: float = 1.0) -> float:
-        """Seconds of ``layer`` at widths (ci, co); ``density`` < 1 keeps that fraction of its 4x1 blocks and runs
-        the block-sparse kernel, as compile_model does for a sparsified layer."""
+        """Seconds of ``layer`` at widths (ci, co); ``density`` < 1 keeps that fraction of its first weight's 4x1
+        blocks and runs it with the block-sparse kernel, as compile_model does for a layer of its per-layer map (a
+        pair's 1x1 conv then runs apart from its depthwise conv, as in the model)."""
         if density >= 1.0:
             return self.time_model(layer.model(ci, co))
-        return self.time(self.runner(layer.model(ci, co), sparsity=1.0 - density, kernel="bsr"))
+        return self.time(self.runner(layer.model(ci, co), sparsity={"W": 1.0 - density}))

@@ -169,6 +169,33 @@ def test_planner_meets_a_predicted_speedup_with_rounded_widths(goal):
     assert plan.after.macs < plan.before.macs
 
 
+def test_macs_floor_keeps_the_compute_a_speedup_needs_and_still_meets_the_time():
+    """Where the least-importance plan takes its time from a layer that saves little time per MAC (here the second
+    hidden group, whose channels feed a cheap layer), ``min_macs`` makes the planner charge MACs too: the plan keeps
+    the MACs asked for and still meets the predicted time, taking it from the first group (much time per MAC)."""
+    analysis, latency, layers = _mlp_latency_model()
+    first, second, last = layers  # 64 -> 128 -> 128 -> 16; groups: the two hidden widths
+    for layer, form in ((first, lambda ci, co: 50 * co), (second, lambda ci, co: 0.01 * ci * co),
+                        (last, lambda ci, co: 5 * ci)):
+        ins = candidate_widths(layer.full[0], layer.lowest[0], 8, 3)
+        outs = candidate_widths(layer.full[1], layer.lowest[1], 8, 3)
+        layer.table = LatencyTable(ins, outs, [[1e-6 * (form(i, o) + 1) for o in outs] for i in ins])
+    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    scores = np.ones(analysis.atom_count)
+    scores[groups[1].atoms] = 0.01  # the second hidden width is nearly free in importance
+    base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
+    target = base / 1.3
+    free = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=False)
+    floor = 0.65 * free.before.macs
+    assert free.after.macs < floor  # the binding case
+    kept = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=False, min_macs=floor)
+    assert kept.after.macs >= floor and latency.predict(kept.removed) <= target
+    assert kept.kept[groups[0].id] < free.kept[groups[0].id]
+    same = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=False,
+                            min_macs=free.after.macs)
+    assert np.array_equal(same.removed, free.removed)  # a floor the plan already keeps changes nothing
+
+
 def test_planner_takes_time_where_it_is_cheap_in_importance():
     analysis, latency, _ = _mlp_latency_model()
     groups = [g for g in analysis.prunable_groups if g.size > 1]
@@ -178,6 +205,65 @@ def test_planner_takes_time_where_it_is_cheap_in_importance():
     base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
     plan = plan_for_latency(analysis, scores, latency, base / 1.5, round_to=8, normalize=False)
     assert plan.kept[groups[0].id] > plan.kept[groups[1].id]
+
+
+def _expand_pad_depthwise(size=64, c_in=16, c=64) -> "onnx.ModelProto":
+    """An EfficientNet-Lite block as PyTorch exports it: 1x1 conv (c_in -> c) -> BatchNorm -> Clip(0, 6) -> zero Pad
+    (TF "same": bottom/right only) -> depthwise 3x3/2 -> BatchNorm -> Relu -> 1x1 conv (c -> 8)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+
+    def init(name, *shape, positive=False):
+        value = rng.uniform(0.5, 1.5, shape) if positive else rng.standard_normal(shape) * 0.3
+        return numpy_helper.from_array(value.astype(np.float32), name)
+
+    def bn(name, x, y):
+        inits.extend([init(f"{name}_s", c, positive=True), init(f"{name}_b", c), init(f"{name}_m", c),
+                      init(f"{name}_v", c, positive=True)])
+        return helper.make_node("BatchNormalization", [x, f"{name}_s", f"{name}_b", f"{name}_m", f"{name}_v"], [y])
+
+    inits = [init("we", c, c_in, 1, 1), init("wd", c, 1, 3, 3), init("wp", 8, c, 1, 1),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "we"], ["e"], kernel_shape=[1, 1]), bn("bn1", "e", "eb"),
+             helper.make_node("Clip", ["eb", "lo", "hi"], ["ea"]), helper.make_node("Pad", ["ea", "pads"], ["ep"]),
+             helper.make_node("Conv", ["ep", "wd"], ["d"], kernel_shape=[3, 3], strides=[2, 2], group=c),
+             bn("bn2", "d", "db"), helper.make_node("Relu", ["db"], ["da"]),
+             helper.make_node("Conv", ["da", "wp"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "expand_pad_depthwise",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, size // 2, size // 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_expand_and_depthwise_convs_are_timed_as_one_layer(tmp_path):
+    """A 1x1 conv read only by a depthwise conv (through BatchNorm, Clip and a zero Pad the compiler folds) is one
+    latency layer, built as the compiler runs it: one kernel where the model's pair is one kernel, block-sparse
+    1x1 apart; the layer model computes what ONNX Runtime does."""
+    model = _expand_pad_depthwise()
+    analysis = analyze(Graph(from_proto(model)))
+    layers = find_layers(analysis, CostModel(analysis), {}, 8)
+    assert [layer.spec.op for layer in layers] == ["expand_depthwise", "conv"]  # no depthwise layer of its own
+    pair = layers[0]
+    assert (pair.full, pair.lowest, pair.pixels) == ((16, 64), (16, 8), 64 * 64 + 32 * 32)
+    spec = pair.spec
+    assert (spec.height, spec.kernel, spec.stride, spec.pads) == (64, (3, 3), (2, 2), (0, 0, 1, 1))
+    assert (spec.activation, spec.bias) == ("clip:0:6", True)
+    if not X86:
+        return
+    one_kernel = [["bias", "clip(0,6)", "depthwise conv (one kernel)"], ["1x1 conv (one kernel)", "bias"]]
+    whole = spc.targets.compile_model(model, "x86", tmp_path / "model")
+    assert "depthwise conv (one kernel)" in whole["layers"][0]["fused"]
+    assert "1x1 conv (one kernel)" in whole["layers"][1]["fused"]
+    measurer = Measurer("x86")
+    alone = measurer.runner(spec.model(16, 64))
+    assert [layer["fused"] for layer in alone.manifest["layers"]] == one_kernel
+    reference = ort.InferenceSession(spec.model(16, 64).SerializeToString()).run(None, alone.inputs)[0]
+    assert np.abs(alone.run()[0] - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+    sparse = measurer.runner(spec.model(16, 64), sparsity={"W": 0.5})
+    assert [layer["kernel"] for layer in sparse.manifest["layers"]] == ["bsr", "dense"]
+    assert not any("one kernel" in " ".join(layer["fused"]) for layer in sparse.manifest["layers"])
 
 
 @pytest.mark.skipif(not X86, reason="needs an AVX-512 x86 host to measure x86 latencies")
@@ -216,6 +302,7 @@ def test_speedup_on_a_small_mlp_gives_a_valid_pruned_model(tmp_path, monkeypatch
     (["--target", "arm", "--speedup", "2"], "--rpc"),
     (["--target", "x86", "--speedup", "2", "--rpc", "nohostport"], "--rpc"),
     (["--target", "x86", "--speedup", "2", "--rpc-key", "k"], "--rpc-key"),
+    (["--target", "x86", "--speedup", "2", "--min-efficiency", "5"], "--min-efficiency"),
 ])
 def test_speedup_errors_are_one_line(tmp_path, capsys, args, fragment):
     code = main(["compile", _digits(), *args, "-o", str(tmp_path / "b"), "-q"])
