@@ -3,8 +3,9 @@
 The prediction is a sum over the model's prunable layers (Conv with group 1 or depthwise, MatMul/Gemm with a constant
 weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it, plus the rest of the
 model's measured time scaled by the share of layer output activations kept (elementwise work follows activation
-size). Atoms are ranked globally by normalised importance per second saved: a group whose channels buy more time
-goes first at equal importance. As in plan.py, widths are rounded to ``round_to``, the smallest prefix of the
+size). Atoms are ranked globally by normalised importance per square root of the seconds saved (``TIME_WEIGHT``): a
+group whose channels buy more time goes first at equal importance, but time does not outweigh importance as it did
+per second (measured: it cost accuracy on pretrained CNNs). As in plan.py, widths are rounded to ``round_to``, the smallest prefix of the
 ranking that meets the goal is found by bisection on exact predictions, and over-removal is handed back.
 """
 
@@ -107,8 +108,14 @@ def _candidates(analysis: Analysis, scores, model: LatencyModel, round_to: int, 
     return _Candidates(groups, order_in_group, normalised, seconds, macs)
 
 
+TIME_WEIGHT = 0.5  # the ranking's power of the seconds saved: 1 ranked by importance per second, which on pretrained
+# EfficientNet-Lite0 at --speedup 1.5 kept 0.24 / 0.06 top-1 agreement (batch 1 / 8) against 0.37 / 0.25 at 0.5 and
+# 0.34 / 0.29 at 0 (importance alone): time ratios of up to 100x between layers amplified the errors in OBSPA's
+# cross-layer calibration and took the early high-resolution layers' channels (bench/README.md)
+
+
 def _ranking(analysis: Analysis, found: _Candidates, macs_weight: float = 0.0,
-             time_weight: float = 1.0) -> np.ndarray:
+             time_weight: float = TIME_WEIGHT) -> np.ndarray:
     """Global order of atoms (their group ids): normalised score, plus ``macs_weight`` per MAC the atom removes,
     per predicted second its removal saves (to the power ``time_weight``)."""
     entries = []
@@ -127,8 +134,9 @@ MACS_WEIGHT_STEPS = 16  # bisection steps on the weight of MACs in the ranking (
 
 def plan_for_latency(analysis: Analysis, scores: np.ndarray, model: LatencyModel, target_seconds: float,
                      round_to: int = 1, min_keep: int = 1, normalize: bool = True,
-                     min_macs: float | None = None, time_weight: float = 1.0) -> Plan:
-    """Remove the least important atoms per second saved until the predicted time is at most ``target_seconds``.
+                     min_macs: float | None = None, time_weight: float = TIME_WEIGHT) -> Plan:
+    """Remove the least important atoms per second saved (to the power ``time_weight``) until the predicted time
+    is at most ``target_seconds``.
 
     ``min_macs``: MACs the plan should keep (``--min-efficiency``: no more compute removed than the speed-up asked
     for). Where the least-importance plan removes more, each atom is also charged for the MACs it removes, at the

@@ -169,6 +169,27 @@ def test_planner_meets_a_predicted_speedup_with_rounded_widths(goal):
     assert plan.after.macs < plan.before.macs
 
 
+def test_time_weight_sets_how_much_time_saved_outweighs_importance():
+    """The first hidden group saves 100x the time per channel of the second and is 5x as important: ranked by
+    importance per second (time weight 1) it goes first, by importance alone (0) the second group does."""
+    analysis, latency, layers = _mlp_latency_model()
+    first, second, last = layers
+    for layer, form in ((first, lambda ci, co: 100 * co), (second, lambda ci, co: 0.0 * ci),
+                        (last, lambda ci, co: 1 * ci)):
+        ins = candidate_widths(layer.full[0], layer.lowest[0], 8, 3)
+        outs = candidate_widths(layer.full[1], layer.lowest[1], 8, 3)
+        layer.table = LatencyTable(ins, outs, [[1e-6 * (form(i, o) + 1) for o in outs] for i in ins])
+    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    scores = np.ones(analysis.atom_count)
+    scores[groups[0].atoms] = 5.0
+    base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
+    target = base - 60e-6  # the second group alone can save it (1 us per channel)
+    by_time = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=False, time_weight=1.0)
+    by_importance = plan_for_latency(analysis, scores, latency, target, round_to=8, normalize=False, time_weight=0.0)
+    assert by_time.kept[groups[0].id] < groups[0].size and by_time.kept[groups[1].id] == groups[1].size
+    assert by_importance.kept[groups[1].id] < groups[1].size and by_importance.kept[groups[0].id] == groups[0].size
+
+
 def test_macs_floor_keeps_the_compute_a_speedup_needs_and_still_meets_the_time():
     """Where the least-importance plan takes its time from a layer that saves little time per MAC (here the second
     hidden group, whose channels feed a cheap layer), ``min_macs`` makes the planner charge MACs too: the plan keeps
