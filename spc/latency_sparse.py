@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analysis import Analysis
-from .latency_plan import LatencyModel, Layer, plan_for_latency
+from .latency_plan import TIME_WEIGHT, LatencyModel, Layer, plan_for_latency
 from .plan import Plan, normalised_scores
 
 DENSITIES = (0.5, 0.3, 0.2)  # shares of 4x1 blocks kept that are measured
@@ -165,13 +165,15 @@ def _better(trial: Choice, best: Choice, target: float) -> bool:
 
 def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyModel, target_seconds: float,
                        round_to: int = 1, normalize: bool = True, costs: np.ndarray | None = None,
-                       pricer: BlockPricer | None = None, min_macs: float | None = None) -> Choice:
+                       pricer: BlockPricer | None = None, min_macs: float | None = None,
+                       time_weight: float = TIME_WEIGHT) -> Choice:
     """The least-loss plan meeting ``target_seconds``: widths by plan_for_latency, per layer dense or BSR.
 
     With ``costs`` (the criterion's additive OBS costs per atom) and a ``pricer`` the loss is on that scale: the
     costs of the channels removed plus the OBS costs of the zeroed blocks after their re-fit. Otherwise channels
     are priced by normalised scores and blocks by their magnitude share (the module docstring). Leaves each layer's
-    ``density`` at the choice. Without measured BSR options it is plan_for_latency alone (``min_macs`` goes to it)."""
+    ``density`` at the choice. Without measured BSR options it is plan_for_latency alone (``min_macs`` and
+    ``time_weight`` go to it)."""
     if costs is not None and pricer is not None:
         values, unit = np.maximum(np.nan_to_num(costs), 0.0), 1.0
     else:
@@ -186,7 +188,7 @@ def plan_with_sparsity(analysis: Analysis, scores: np.ndarray, latency: LatencyM
     def evaluate(densities: dict[int, float]) -> Choice:
         latency.set_densities(densities)
         plan = plan_for_latency(analysis, scores, latency, target_seconds, round_to, normalize=normalize,
-                                min_macs=min_macs)
+                                min_macs=min_macs, time_weight=time_weight)
         per_layer = latency.layer_seconds(plan.removed)
         charge = sum(charge_of(i, d, plan.removed, per_layer[i][0]) for i, d in densities.items())
         return Choice(plan, dict(densities), float(values[plan.removed].sum()) + charge,

@@ -31,7 +31,7 @@ from .cost import CostModel
 from .errors import SpcError
 from .graph import Graph
 from .latency_layers import find_layers
-from .latency_plan import LatencyModel, lowest_removal, plan_for_latency
+from .latency_plan import TIME_WEIGHT, LatencyModel, lowest_removal, plan_for_latency
 from .latency_sparse import BlockPricer, compensate_blocks, measure_sparse, plan_with_sparsity, price_blocks
 from .rewrite import apply_removal
 
@@ -161,7 +161,8 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
                       calibration: dict[str, np.ndarray] | None = None, seed: int = 0, allow_inexact: bool = False,
                       widths: int = 3, refine: int = 3, tolerance: float = 0.05, cache_dir=None,
                       measure_layers: bool = True, sparse: bool = False, beyond_reach: bool = False,
-                      min_efficiency: float = MIN_EFFICIENCY, progress: Progress | None = None) -> SpeedupResult:
+                      min_efficiency: float = MIN_EFFICIENCY, time_weight: float = TIME_WEIGHT,
+                      progress: Progress | None = None) -> SpeedupResult:
     """Prune ``model`` so that it runs ``speedup`` times faster than the dense model on ``target``; ``sparse``: let
     layers run block-sparse where the target has BSR kernels (report["sparsity"] is compile_model's map; off by
     default: even priced in OBS cost units after their re-fit, zeroed blocks in the early convs of a small trained
@@ -169,7 +170,8 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     timed alone; bench/README.md). A goal
     predicted out of reach, or measured more than REACH short of with everything removable gone, is refused
     (SpcError naming the reachable speed-up) unless ``beyond_reach``: then everything removable goes, which costs
-    accuracy for little speed."""
+    accuracy for little speed. ``time_weight``: the planner's power of the seconds a channel saves in its ranking
+    (spc.latency_plan.TIME_WEIGHT)."""
     from .analysis import analyze
     from .passes import PassContext, importance_pass
     from .targets import get_target
@@ -178,6 +180,8 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
 
     speedup = check_speedup(speedup)
     min_efficiency = check_min_efficiency(min_efficiency)
+    if not 0.0 <= float(time_weight) <= 4.0:
+        raise SpcError(f"time_weight: {time_weight} is out of range; it must be in [0, 4]")
     if widths < 2:
         raise SpcError(f"--latency-widths: {widths} must be at least 2")
     if round_to is not None and round_to < 1:
@@ -222,7 +226,8 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
             raise SpcError(f"--speedup: {why}; ask for at most {math.floor(ceiling * 100) / 100:.2f}")
         say(f"warning: {why}; pruning as far as it goes")
     min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
-    state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say, min_macs)
+    state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say, min_macs,
+                    time_weight)
     best = state.search(speedup, refine, tolerance)
     reached = state.reached()
     if max(state.goals) >= ceiling and reached * (1 + REACH) < speedup:
@@ -238,7 +243,7 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     report = _report(spec, measurer, speedup, round_to, shapes, t_dense, layer_sum, latency, state, best,
                      cache if measure_layers else None)
     report["result"]["max_predicted_speedup"] = round(ceiling, 4)
-    report["min_efficiency"] = min_efficiency
+    report["min_efficiency"], report["time_weight"] = min_efficiency, time_weight
     return SpeedupResult(result, report)
 
 
@@ -246,10 +251,10 @@ class _Search:
     """Plan, rewrite, compile and measure at a goal; adjust the goal by the measured miss."""
 
     def __init__(self, analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say,
-                 min_macs=None):
+                 min_macs=None, time_weight=TIME_WEIGHT):
         self.analysis, self.scores, self.latency, self.round_to = analysis, scores, latency, round_to
         self.scorer, self.context, self.measurer, self.dense, self.shapes = scorer, context, measurer, dense, shapes
-        self.say, self.min_macs = say, min_macs
+        self.say, self.min_macs, self.time_weight = say, min_macs, time_weight
         self.iterations: list[dict] = []
         self.pricer = BlockPricer(analysis, scorer) if BlockPricer.applies(scorer) else None
         self.planned: list = []  # (plan, densities) of every attempt so far
@@ -260,7 +265,7 @@ class _Search:
         self.goals.append(goal)
         choice = plan_with_sparsity(self.analysis, self.scores, self.latency, self.base / goal, self.round_to,
                                     normalize=self.scorer.normalize, costs=getattr(self.scorer, "costs", None),
-                                    pricer=self.pricer, min_macs=self.min_macs)
+                                    pricer=self.pricer, min_macs=self.min_macs, time_weight=self.time_weight)
         plan, sparsity = choice.plan, _sparsity_map(self.latency, choice.densities)
         if any(np.array_equal(plan.removed, seen.removed) and densities == choice.densities
                for seen, densities in self.planned):
