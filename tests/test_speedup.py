@@ -169,17 +169,20 @@ def test_planner_meets_a_predicted_speedup_with_rounded_widths(goal):
     assert plan.after.macs < plan.before.macs
 
 
-def test_time_weight_sets_how_much_time_saved_outweighs_importance():
-    """The first hidden group saves 100x the time per channel of the second and is 5x as important: ranked by
-    importance per second (time weight 1) it goes first, by importance alone (0) the second group does."""
-    analysis, latency, layers = _mlp_latency_model()
-    first, second, last = layers
-    for layer, form in ((first, lambda ci, co: 100 * co), (second, lambda ci, co: 0.0 * ci),
-                        (last, lambda ci, co: 1 * ci)):
+def _mlp_with_times(*forms):
+    """The MLP latency model with each layer's table from ``form(ci, co)`` microseconds (+1); its two groups."""
+    analysis, latency, layers = _mlp_latency_model()  # 64 -> 128 -> 128 -> 16; groups: the two hidden widths
+    for layer, form in zip(layers, forms):
         ins = candidate_widths(layer.full[0], layer.lowest[0], 8, 3)
         outs = candidate_widths(layer.full[1], layer.lowest[1], 8, 3)
         layer.table = LatencyTable(ins, outs, [[1e-6 * (form(i, o) + 1) for o in outs] for i in ins])
-    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    return analysis, latency, [g for g in analysis.prunable_groups if g.size > 1]
+
+
+def test_time_weight_sets_how_much_time_saved_outweighs_importance():
+    """The first hidden group saves 100x the time per channel of the second and is 5x as important: ranked by
+    importance per second (time weight 1) it goes first, by importance alone (0) the second group does."""
+    analysis, latency, groups = _mlp_with_times(lambda ci, co: 100 * co, lambda ci, co: 0.0, lambda ci, co: ci)
     scores = np.ones(analysis.atom_count)
     scores[groups[0].atoms] = 5.0
     base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
@@ -194,14 +197,8 @@ def test_macs_floor_keeps_the_compute_a_speedup_needs_and_still_meets_the_time()
     """Where the least-importance plan takes its time from a layer that saves little time per MAC (here the second
     hidden group, whose channels feed a cheap layer), ``min_macs`` makes the planner charge MACs too: the plan keeps
     the MACs asked for and still meets the predicted time, taking it from the first group (much time per MAC)."""
-    analysis, latency, layers = _mlp_latency_model()
-    first, second, last = layers  # 64 -> 128 -> 128 -> 16; groups: the two hidden widths
-    for layer, form in ((first, lambda ci, co: 50 * co), (second, lambda ci, co: 0.01 * ci * co),
-                        (last, lambda ci, co: 5 * ci)):
-        ins = candidate_widths(layer.full[0], layer.lowest[0], 8, 3)
-        outs = candidate_widths(layer.full[1], layer.lowest[1], 8, 3)
-        layer.table = LatencyTable(ins, outs, [[1e-6 * (form(i, o) + 1) for o in outs] for i in ins])
-    groups = [g for g in analysis.prunable_groups if g.size > 1]
+    analysis, latency, groups = _mlp_with_times(lambda ci, co: 50 * co, lambda ci, co: 0.01 * ci * co,
+                                                lambda ci, co: 5 * ci)
     scores = np.ones(analysis.atom_count)
     scores[groups[1].atoms] = 0.01  # the second hidden width is nearly free in importance
     base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
