@@ -3,9 +3,10 @@
 The prediction is a sum over the model's prunable layers (Conv with group 1 or depthwise, MatMul/Gemm with a constant
 weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it, plus the rest of the
 model's measured time scaled by the share of layer output activations kept (elementwise work follows activation
-size). Atoms are ranked globally by normalised importance per square root of the seconds saved (``TIME_WEIGHT``): a
-group whose channels buy more time goes first at equal importance, but time does not outweigh importance as it did
-per second (measured: it cost accuracy on pretrained CNNs). As in plan.py, widths are rounded to ``round_to``, the smallest prefix of the
+size). Atoms are ranked globally by normalised importance per square root of the seconds saved (``TIME_WEIGHT``):
+a group whose channels buy more time goes first at equal importance, but time does not outweigh importance as it
+did per second (measured: that cost accuracy on pretrained CNNs). As in plan.py, widths are rounded to
+``round_to``, the smallest prefix of the
 ranking that meets the goal is found by bisection on exact predictions, and over-removal is handed back.
 """
 
@@ -108,14 +109,13 @@ def _candidates(analysis: Analysis, scores, model: LatencyModel, round_to: int, 
     return _Candidates(groups, order_in_group, normalised, seconds, macs)
 
 
-TIME_WEIGHT = 0.5  # the ranking's power of the seconds saved: 1 ranked by importance per second, which on pretrained
-# EfficientNet-Lite0 at --speedup 1.5 kept 0.24 / 0.06 top-1 agreement (batch 1 / 8) against 0.37 / 0.25 at 0.5 and
-# 0.34 / 0.29 at 0 (importance alone): time ratios of up to 100x between layers amplified the errors in OBSPA's
-# cross-layer calibration and took the early high-resolution layers' channels (bench/README.md)
+TIME_WEIGHT = 0.5  # the ranking's power of the seconds saved. At 1 (importance per second) pretrained
+# EfficientNet-Lite0 at --speedup 1.5, batch 8, kept 0.06 top-1 agreement against 0.25 at 0.5 and 0.29 at 0
+# (importance alone): time ratios of up to 100x between layers amplified the errors in OBSPA's cross-layer
+# calibration and took the early high-resolution layers' channels. 0.5 and 0 are not yet told apart (bench/README.md)
 
 
-def _ranking(analysis: Analysis, found: _Candidates, macs_weight: float = 0.0,
-             time_weight: float = TIME_WEIGHT) -> np.ndarray:
+def _ranking(found: _Candidates, macs_weight: float = 0.0, time_weight: float = TIME_WEIGHT) -> np.ndarray:
     """Global order of atoms (their group ids): normalised score, plus ``macs_weight`` per MAC the atom removes,
     per predicted second its removal saves (to the power ``time_weight``)."""
     entries = []
@@ -143,13 +143,13 @@ def plan_for_latency(analysis: Analysis, scores: np.ndarray, model: LatencyModel
     smallest charge (bisection) whose plan keeps ``min_macs``; if none does, the largest charge's plan."""
     found = _candidates(analysis, scores, model, round_to, normalize)
     cost = model.cost_model
+    ratio = 1.0 - target_seconds / model.predict(np.zeros(analysis.atom_count, dtype=bool))
 
     def plan_at(weight: float) -> Plan:
-        ranking = _ranking(analysis, found, weight, time_weight)
+        ranking = _ranking(found, weight, time_weight)
         removed, kept = remove_until(analysis, found.groups, found.order_in_group, ranking, found.normalised,
                                      model.predict, target_seconds, round_to, min_keep)
-        base = model.predict(np.zeros(analysis.atom_count, dtype=bool))
-        return Plan(removed, cost.base, cost.evaluate(removed), "latency", 1.0 - target_seconds / base, kept)
+        return Plan(removed, cost.base, cost.evaluate(removed), "latency", ratio, kept)
 
     plan = plan_at(0.0)
     if min_macs is None or plan.after.macs >= min_macs or not found.groups:

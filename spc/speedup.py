@@ -114,13 +114,15 @@ def _interleaved(measurer, dense, pruned, rounds: int = 5) -> tuple[float, float
     return td, tp, float(np.median(ratios))
 
 
-def _sparse_options(analysis, scores, latency, speedup, round_to, normalize, measurer, cache, say) -> None:
+def _sparse_options(analysis, scores, latency, speedup, round_to, normalize, measurer, cache, say,
+                    min_macs=None, time_weight=TIME_WEIGHT) -> None:
     """Measure the BSR kernel for each layer at the widths the dense-only plan for ``speedup`` keeps."""
     layers = price_blocks(latency.layers, analysis.graph)
     if not layers:
         return
     base = latency.predict(np.zeros(analysis.atom_count, dtype=bool))
-    plan = plan_for_latency(analysis, scores, latency, base / speedup, round_to, normalize=normalize)
+    plan = plan_for_latency(analysis, scores, latency, base / speedup, round_to, normalize=normalize,
+                            min_macs=min_macs, time_weight=time_weight)
     planned = dict(zip((layer.node for layer in latency.layers), latency.layer_seconds(plan.removed)))
     measure_sparse(layers, [planned[layer.node][0] for layer in layers], measurer, cache, say)
     say(f"block-sparse kernels pay in {sum(bool(layer.bsr) for layer in layers)} of {len(layers)} layers")
@@ -216,8 +218,10 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
         layer_sum = sum(layer.table.predict(*layer.full) for layer in layers)
     latency = LatencyModel(cost_model, layers, t_dense - layer_sum, fixed_seconds=overhead)
     nothing = np.zeros(analysis.atom_count, dtype=bool)
+    min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
     if spec.sparse_kernels and sparse:
-        _sparse_options(analysis, scores, latency, speedup, round_to, scorer.normalize, measurer, cache, say)
+        _sparse_options(analysis, scores, latency, speedup, round_to, scorer.normalize, measurer, cache, say,
+                        min_macs, time_weight)
     ceiling = latency.predict(nothing) / _fastest(latency, lowest_removal(analysis, round_to))
     if ceiling < speedup:
         why = (f"{speedup:g}x is predicted out of reach on {spec.name}: at most {ceiling:.2f}x with every removable "
@@ -225,7 +229,6 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
         if not beyond_reach:
             raise SpcError(f"--speedup: {why}; ask for at most {math.floor(ceiling * 100) / 100:.2f}")
         say(f"warning: {why}; pruning as far as it goes")
-    min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
     state = _Search(analysis, scores, latency, round_to, scorer, context, measurer, dense, shapes, say, min_macs,
                     time_weight)
     best = state.search(speedup, refine, tolerance)
