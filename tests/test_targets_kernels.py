@@ -59,16 +59,20 @@ def test_dense_matmul_static_rows(m):
     np.testing.assert_allclose(_run(_build(kern), kern, [x], (m, 40)), x @ w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("images", [None, 3])
+@pytest.mark.parametrize("images,parallel", [(None, False), (3, False), (3, True)])
 @pytest.mark.parametrize("pixels,k,n", [(49, 40, 24), (13, 20, 70), (196, 96, 16)])
-def test_dense_matmul_channels_first(images, pixels, k, n):
+def test_dense_matmul_channels_first(images, parallel, pixels, k, n, monkeypatch):
     """A 1x1 convolution of NCHW images vectorised over output channels (small maps): per image, pixel tiles of
-    rows with 4- and 1-row tails, panel tails of output channels; the batch symbolic or static."""
+    rows with 4- and 1-row tails, panel tails of output channels; the batch symbolic or static, and a static batch
+    in one parallel loop over (image, tile) (forced here: these layers are under the threshold)."""
+    if parallel:
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_MACS", 0)
     rng = np.random.default_rng(8)
     w = rng.standard_normal((k, n)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     kern = kernels.dense_matmul("dense_cf", w, b, "relu", PARAMS, None if images is None else images * pixels,
                                 channels_first=pixels)
+    assert ("T.parallel" in kern.source) == parallel
     lib = _build(kern)
     for count in (1, 3) if images is None else (3,):
         x = rng.standard_normal((count, k, pixels)).astype(np.float32)
@@ -365,11 +369,21 @@ def test_max_pool2d_matches_torch(case, n_static):
     dict(c=3, h=4, w=32, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1)),  # rows of whole vectors
     dict(c=2, h=7, w=7, kernel=(5, 5), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(1, 1)),  # EfficientNet's 7x7
 ])
-@pytest.mark.parametrize("n_static", [None, 2])
+@pytest.mark.parametrize("n_static", [None, 2, "parallel per image", "parallel per batch"])
 @pytest.mark.parametrize("epilogue", [(False, None), (True, "relu"), (True, Clip(-0.5, 0.5))])
-def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
-    """Both forms (kernels/depthwise.py): rows of vectors for the 32-wide map, flat for the others."""
+def test_depthwise_conv2d_matches_torch(case, n_static, epilogue, monkeypatch):
+    """Both forms (kernels/depthwise.py): rows of vectors for the 32-wide map, flat for the others. Parallel loops
+    forced by the threshold: over channels within each image, or (work over the threshold only for the whole
+    batch) over channels outermost, each task taking every image through its plane."""
     torch = pytest.importorskip("torch")
+    forced = isinstance(n_static, str)
+    if forced:
+        oh, ow = (kernels.source.window_count(case[s], case["pads"][i], case["pads"][i + 2], case["kernel"][i],
+                                              case["dilation"][i], case["stride"][i]) for i, s in enumerate("hw"))
+        per_image = case["c"] * oh * ow * case["kernel"][0] * case["kernel"][1]
+        per_batch = n_static == "parallel per batch"
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_MACS", per_image + 1 if per_batch else 0)
+        n_static = 2
     rng = np.random.default_rng(6)
     with_bias, act = epilogue
     c, (kh, kw) = case["c"], case["kernel"]
@@ -377,6 +391,9 @@ def test_depthwise_conv2d_matches_torch(case, n_static, epilogue):
     bias = rng.standard_normal(c).astype(np.float32) if with_bias else None
     kern = kernels.depthwise_conv2d("dw_t", c, case["h"], case["w"], weight, case["stride"], case["pads"],
                                     case["dilation"], bias, act, PARAMS, n_static=n_static)
+    assert ("T.parallel" in kern.source) == forced  # these maps are under the threshold unless forced
+    if forced:
+        assert (kern.source.index("for channel") < kern.source.index("for image")) == per_batch
     x = rng.standard_normal((2, c, case["h"], case["w"])).astype(np.float32)
     top, left, bottom, right = case["pads"]
     padded = torch.nn.functional.pad(torch.tensor(x), (left, right, top, bottom))

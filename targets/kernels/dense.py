@@ -101,20 +101,33 @@ def dense_matmul(
         a(1, f'Y = T.match_buffer(y, ({m}, {n_dim}), "float32")')
 
     def x_at(row: str, k: str) -> str:
-        return f"X[image, {k}, {row}]" if channels_first else f"X[{row}, {k}]"
+        return f"X[{image}, {k}, {row}]" if channels_first else f"X[{row}, {k}]"
 
     def y_at(row: str, col: str) -> str:
-        return f"Y[image, {col}, {row}]" if channels_first else f"Y[{row}, {col}]"
+        return f"Y[{image}, {col}, {row}]" if channels_first else f"Y[{row}, {col}]"
 
     ind = 1
     rows_static = m_static
+    tasks = f"{np_} * {mt}"
+    work = rows_static * k_dim * n_dim if rows_static is not None else None
     if channels_first:  # tiles of pixels within each image
-        a(1, f"for image in range({images}):")
-        ind, m, rows_static = 2, str(px), px
+        m, rows_static = str(px), px
         mt = f"(({m} + {mr - 1}) // {mr})"
-    a(ind, f"for t in {_loop(rows_static * k_dim * n_dim if rows_static is not None else None)}({np_} * {mt}):")
-    panel = f"(t // {mt})"
-    tile = f"(t % {mt})"
+        tasks, work = f"{np_} * {mt}", px * k_dim * n_dim
+        if m_static is None:  # a symbolic batch: images one after another, each parallel if its own work pays
+            a(1, f"for image in range({images}):")
+            ind = 2
+        else:  # one parallel loop over (image, tile) by the whole batch's work: pruning a layer below the
+            # threshold per image must not leave a batch of 8 on one thread (1.3x slower than dense at 2 threads)
+            work *= m_static // px
+            tasks = f"{images} * {tasks}"
+    a(ind, f"for t in {_loop(work)}({tasks}):")
+    if channels_first and m_static is not None:
+        image, t = f"(t // ({np_} * {mt}))", f"(t % ({np_} * {mt}))"
+    else:
+        image, t = "image", "t"
+    panel = f"({t} // {mt})"
+    tile = f"({t} % {mt})"
 
     def emit_tile(ind: int, rows: int, row0: str) -> None:
         acc = _tile_accumulate(

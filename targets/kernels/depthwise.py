@@ -178,8 +178,16 @@ def depthwise_conv2d(name: str, c: int, h: int, w: int, weight: np.ndarray, stri
     a(1, f'P = T.alloc_buffer(({c * slot},), "float32")')
     if flat:
         a(1, f'V = T.alloc_buffer(({c * length},), "float32")')
-    a(1, f"for image in range({n}):")
-    a(2, f"for channel in {_loop(c * g.oh * g.ow * kh * kw)}({c}):")
+    per_image = c * g.oh * g.ow * kh * kw
+    if _loop(per_image) == "T.serial" and n_static and _loop(per_image * n_static) == "T.parallel":
+        # under the threshold per image, over it for the batch (small maps, pruned layers): channels outermost, each
+        # task taking every image through its plane, so that a batch of 8 does not run on one thread (images
+        # outermost stays the order for large maps: channels outermost ran them 10-15% slower on one thread)
+        a(1, f"for channel in T.parallel({c}):")
+        a(2, f"for image in range({n}):")
+    else:
+        a(1, f"for image in range({n}):")
+        a(2, f"for channel in {_loop(per_image)}({c}):")
     base = f"channel * {slot}"
 
     def zeros(ind: int, start: str, count: int) -> None:
