@@ -240,9 +240,9 @@ def main(argv=None) -> int:
             res = bench_one(key, batch, args, tmp)
             results.append(res)
             print(json.dumps(res["latency"]["result"]), flush=True)
+            if args.out:  # after every model: a later model's failure keeps the earlier ones' figures
+                Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

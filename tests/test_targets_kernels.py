@@ -380,7 +380,7 @@ def test_depthwise_conv2d_matches_torch(case, n_static, epilogue, monkeypatch):
     if forced:
         oh, ow = (kernels.source.window_count(case[s], case["pads"][i], case["pads"][i + 2], case["kernel"][i],
                                               case["dilation"][i], case["stride"][i]) for i, s in enumerate("hw"))
-        per_image = case["c"] * oh * ow * case["kernel"][0] * case["kernel"][1]
+        per_image = case["c"] * oh * ow * case["kernel"][0] * case["kernel"][1] * kernels.depthwise.DEPTHWISE_MAC_COST
         per_batch = n_static == "parallel per batch"
         monkeypatch.setattr(kernels.source, "PARALLEL_MIN_MACS", per_image + 1 if per_batch else 0)
         n_static = 2

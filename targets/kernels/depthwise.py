@@ -15,6 +15,11 @@ import numpy as np
 
 from .source import Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src, window_count
 
+# for the parallel threshold (PARALLEL_MIN_MACS, counted in a dense product's multiply-adds): a depthwise MAC reads its
+# input and weight from memory and costs about what 4 of them do (one core: 7-16 GMAC/s against a GEMM's 45); counted
+# as 1, layers of 200 us at batch 8 ran on one thread of two (1.4-1.8x slower than parallel)
+DEPTHWISE_MAC_COST = 4
+
 
 @dataclass(frozen=True)
 class Planes:
@@ -178,7 +183,7 @@ def depthwise_conv2d(name: str, c: int, h: int, w: int, weight: np.ndarray, stri
     a(1, f'P = T.alloc_buffer(({c * slot},), "float32")')
     if flat:
         a(1, f'V = T.alloc_buffer(({c * length},), "float32")')
-    per_image = c * g.oh * g.ow * kh * kw
+    per_image = c * g.oh * g.ow * kh * kw * DEPTHWISE_MAC_COST
     if _loop(per_image) == "T.serial" and n_static and _loop(per_image * n_static) == "T.parallel":
         # under the threshold per image, over it for the batch (small maps, pruned layers): channels outermost, each
         # task taking every image through its plane, so that a batch of 8 does not run on one thread (images
