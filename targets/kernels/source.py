@@ -59,7 +59,10 @@ def window_count(size: int, pad_begin: int, pad_end: int, kernel: int, dilation:
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
 
 
-PARALLEL_MIN_MACS = 1 << 22  # below this a launch on the thread pool costs more than it saves (measured on 2 cores)
+# below this a launch on the thread pool costs more than it saves (measured on 2 cores: 1M MACs, ~25 us serial, left
+# the digits CNN and the 56x56 CNN as fast as 4M did, and ran MobileNetV2's MACs /2 build 1.1-1.2x faster at batch 1,
+# whose pruned layers had fallen under 4M onto one thread)
+PARALLEL_MIN_MACS = 1 << 20
 PARALLEL_MIN_COPY = 1 << 18  # likewise for a copy (im2col, transposes), in elements
 
 
