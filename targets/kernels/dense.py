@@ -106,26 +106,21 @@ def dense_matmul(
     def y_at(row: str, col: str) -> str:
         return f"Y[{image}, {col}, {row}]" if channels_first else f"Y[{row}, {col}]"
 
-    ind = 1
-    rows_static = m_static
-    tasks = f"{np_} * {mt}"
-    work = rows_static * k_dim * n_dim if rows_static is not None else None
+    ind, rows_static, image, t = 1, m_static, "image", "t"
     if channels_first:  # tiles of pixels within each image
         m, rows_static = str(px), px
         mt = f"(({m} + {mr - 1}) // {mr})"
-        tasks, work = f"{np_} * {mt}", px * k_dim * n_dim
-        if m_static is None:  # a symbolic batch: images one after another, each parallel if its own work pays
-            a(1, f"for image in range({images}):")
-            ind = 2
-        else:  # one parallel loop over (image, tile) by the whole batch's work: a layer pruned below the threshold
-            # per image left a batch of 8 on one thread (MobileNetV2's pruned projections ran slower than dense ones)
-            work *= m_static // px
-            tasks = f"{images} * {tasks}"
+    tasks = f"{np_} * {mt}"
+    work = rows_static * k_dim * n_dim if rows_static is not None else None
+    if channels_first and m_static is None:  # a symbolic batch: images one after another, each parallel if it pays
+        a(1, f"for image in range({images}):")
+        ind = 2
+    elif channels_first:  # one parallel loop over (image, tile) by the whole batch's work: a layer pruned under the
+        # threshold per image left a batch of 8 on one thread (MobileNetV2's pruned projections ran slower than dense)
+        work *= m_static // px
+        image, t = f"(t // ({tasks}))", f"(t % ({tasks}))"
+        tasks = f"{images} * {tasks}"
     a(ind, f"for t in {_loop(work)}({tasks}):")
-    if channels_first and m_static is not None:
-        image, t = f"(t // ({np_} * {mt}))", f"(t % ({np_} * {mt}))"
-    else:
-        image, t = "image", "t"
     panel = f"({t} // {mt})"
     tile = f"({t} % {mt})"
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .source import Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _Src, window_count
+from .source import (
+    Clip, CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parallel_pays, _parse, _Src, window_count,
+)
 
 # for the parallel threshold (PARALLEL_MIN_MACS, counted in a dense product's multiply-adds): a depthwise MAC reads its
 # input and weight from memory and costs about what 4 of them do (one core: 7-16 GMAC/s against a GEMM's 45); counted
@@ -184,7 +186,7 @@ def depthwise_conv2d(name: str, c: int, h: int, w: int, weight: np.ndarray, stri
     if flat:
         a(1, f'V = T.alloc_buffer(({c * length},), "float32")')
     per_image = c * g.oh * g.ow * kh * kw * DEPTHWISE_MAC_COST
-    if _loop(per_image) == "T.serial" and n_static and _loop(per_image * n_static) == "T.parallel":
+    if n_static and not _parallel_pays(per_image) and _parallel_pays(per_image * n_static):
         # under the threshold per image, over it for the batch (small maps, pruned layers): channels outermost, each
         # task taking every image through its plane, so that a batch of 8 does not run on one thread (images
         # outermost stays the order for large maps: channels outermost ran them 10-15% slower on one thread)

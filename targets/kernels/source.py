@@ -66,11 +66,16 @@ PARALLEL_MIN_MACS = 1 << 20
 PARALLEL_MIN_COPY = 1 << 18  # likewise for a copy (im2col, transposes), in elements
 
 
+def _parallel_pays(work: int | None) -> bool:
+    """Whether a loop nest doing ``work`` multiply-adds (None: unknown, symbolic sizes) is worth the thread pool: a
+    small model's kernels take a few microseconds each, which waking the pool for every one of them doubled. The
+    threshold is read when a kernel is generated (tests lower it to force the parallel form)."""
+    return work is None or work >= PARALLEL_MIN_MACS
+
+
 def _loop(work: int | None) -> str:
-    """``T.parallel`` for a loop nest doing ``work`` multiply-adds (None: unknown, symbolic sizes), else a serial
-    loop: a small model's kernels take a few microseconds each, which waking the thread pool for every one of them
-    doubled. The threshold is read when a kernel is generated (tests lower it to force the parallel form)."""
-    return "T.parallel" if work is None or work >= PARALLEL_MIN_MACS else "T.serial"
+    """``T.parallel`` for a loop nest doing ``work`` multiply-adds where that pays (``_parallel_pays``), else serial."""
+    return "T.parallel" if _parallel_pays(work) else "T.serial"
 
 
 def _copy_loop(elements: int | None) -> str:
