@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "priced, chosen and the rest re-fitted by OBS with the criterion's moments; can still cost "
                         "accuracy on small trained models)")
     p.add_argument("-o", "--output", required=True, help="bundle directory")
+    p.add_argument("--bind-dims", action="store_true",
+                   help="compile with the --dim sizes fixed (static shapes: the kernels specialise to them, e.g. "
+                        "one parallel loop over the whole batch, as --speedup measured); the bundle then accepts "
+                        "only those sizes")
     p.add_argument("--eval", help=".npz with model inputs (and 'label'): accuracy of the model and of the bundle's")
     p.set_defaults(func=cmd_compile)
 

@@ -37,6 +37,7 @@ def compile_cli(args, progress) -> int:
         raise SpcError(f"--target: {error}") from None
     progress(f"loading {args.model}")
     model = api.load(args.model)
+    shapes = bound_shapes(model, _dims(args.dim)) if args.bind_dims else None  # checked before the long work
     summary: dict = {"target": spec.name}
     latency = None
     if args.speedup is not None:  # budget: measured latency on the target (spc/speedup.py)
@@ -65,11 +66,19 @@ def compile_cli(args, progress) -> int:
     sparsity = args.sparsity
     if latency is not None and latency.get("sparsity"):  # --speedup's per-layer choice, measured with 4x1 blocks
         sparsity, block = latency["sparsity"], (4, 1)
-    manifest = compile_model(model, spec.name, args.output, sparsity=sparsity, block=block, progress=progress)
+    manifest = compile_model(model, spec.name, args.output, sparsity=sparsity, block=block, input_shapes=shapes,
+                             progress=progress)
     summary["bundle"] = str(args.output)
     if latency is not None:
         (Path(args.output) / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
         summary["latency"] = {"file": "latency.json", **latency["result"]}
+        unbound = unmeasured_dims(manifest, latency.get("input_shapes") or {})
+        if unbound:
+            summary["latency"]["note"] = (
+                f"measured with static input shapes {latency['input_shapes']}; the bundle keeps "
+                f"{', '.join(unbound)} dynamic, and its kernels then choose their loops per call, which can be "
+                "slower than measured (e.g. one image at a time on one thread); --bind-dims with --dim compiles "
+                "what was measured")
     summary["manifest"] = manifest
     if args.eval:
         import onnx
@@ -79,6 +88,11 @@ def compile_cli(args, progress) -> int:
         original = api.load(args.model)
         feeds, labels = load_npz(args.eval, original)
         compiled = onnx.load(str(Path(args.output) / "model.onnx"))
+        if shapes:  # scored in batches of any size: the inputs' dynamic axes back as they were
+            dynamic = {vi.name: vi.type for vi in model.graph.input}
+            for vi in compiled.graph.input:
+                if vi.name in dynamic:
+                    vi.type.CopyFrom(dynamic[vi.name])
         summary["eval"] = {"metric": "accuracy" if labels is not None else "top1_agreement",
                            "before": score(original, feeds, labels, None if labels is not None else
                                            _reference(original, feeds)),
@@ -105,12 +119,49 @@ def compile_cli(args, progress) -> int:
         print(f"measured on {latency['device']}: {res['measured_speedup']}x faster than the dense model (goal "
               f"{args.speedup}x, predicted {res['predicted_speedup']}x, {res['macs_reduction']}x fewer MACs); "
               f"per-layer decisions in latency.json")
+        if "note" in summary["latency"]:
+            print(f"note: {summary['latency']['note']}")
     if "eval" in summary:
         ev = summary["eval"]
         print(f"{ev['metric']} on {args.eval}: {ev['before']:.4f} before, {ev['after']:.4f} for the compiled model")
     print(f"compiled for {spec.name} (expected speed-up of the sparse layers {manifest.get('expected_speedup')}x); "
           f"bundle written to {args.output}")
     return 0
+
+
+def bound_shapes(model, dims: dict[str, int]) -> dict[str, list]:
+    """``--bind-dims``: each model input's shape with the ``--dim`` sizes in place of its named dynamic axes (others
+    stay dynamic). Static sizes let the kernels specialise (e.g. one parallel loop over the whole batch); the
+    bundle then accepts only those sizes."""
+    if not dims:
+        raise SpcError("--bind-dims: give the sizes to bind with --dim NAME=SIZE (e.g. --dim batch=8)")
+    inits = {init.name for init in model.graph.initializer}
+    shapes, used, seen = {}, set(), []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        original = [int(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?"
+                    for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = [dims.get(d, d) if isinstance(d, str) else d for d in original]
+        used.update(d for d in original if isinstance(d, str) and d in dims)
+        seen.append(f"{vi.name} {original}")
+    unknown = sorted(set(dims) - used)
+    if unknown:
+        raise SpcError(f"--bind-dims: --dim {unknown[0]} names no dynamic axis of the model's inputs "
+                       f"({'; '.join(seen)})")
+    return shapes
+
+
+def unmeasured_dims(manifest: dict, measured: dict[str, list]) -> list[str]:
+    """Dynamic axes of the bundle's inputs that ``--speedup`` measured at a fixed size, e.g.
+    'input[0] (batch, measured at 8)'."""
+    out = []
+    for io in manifest.get("inputs", []):
+        sizes = measured.get(io["name"]) or []
+        for axis, (dim, size) in enumerate(zip(io["shape"], sizes)):
+            if isinstance(dim, str):
+                out.append(f"{io['name']}[{axis}] ({dim}, measured at {size})")
+    return out
 
 
 def _reference(model, feeds):

@@ -68,8 +68,9 @@ def _dims(vi) -> list:
     return out
 
 
-def _bind_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> dict[str, list[int]]:
-    """Set the given input shapes on the graph inputs (in place); returns what was bound."""
+def _bind_shapes(model: onnx.ModelProto, input_shapes: dict[str, list] | None) -> dict[str, list]:
+    """Set the given input shapes on the graph inputs (in place); returns what was bound. An entry that is the
+    name of the input's own symbolic dim keeps that dim symbolic (bind the batch, keep the sequence length)."""
     if not input_shapes:
         return {}
     inputs = {vi.name: vi for vi in _graph_inputs(model)}
@@ -79,13 +80,16 @@ def _bind_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
             raise SpcError(f"input_shapes names {name!r}, which is not a model input ({', '.join(inputs)})")
         vi = inputs[name]
         old = _dims(vi)
-        shape = [int(s) for s in shape]
-        if len(shape) != len(old) or any(isinstance(o, int) and o != s for o, s in zip(old, shape)):
+        shape = [s if isinstance(s, str) else int(s) for s in shape]
+        if len(shape) != len(old) or any(
+            (o != s) if isinstance(o, int) or isinstance(s, str) else False for o, s in zip(old, shape)
+        ):
             raise SpcError(f"input_shapes gives {name!r} the shape {shape}, incompatible with the model's {old}")
         dims = vi.type.tensor_type.shape.dim
         for d, s in zip(dims, shape):
-            d.Clear()
-            d.dim_value = s
+            if isinstance(s, int):
+                d.Clear()
+                d.dim_value = s
         bound[name] = shape
     return bound
 

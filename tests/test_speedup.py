@@ -307,6 +307,9 @@ def test_speedup_on_a_small_mlp_gives_a_valid_pruned_model(tmp_path, monkeypatch
         assert layer["measured_s"] > 0 and layer["predicted_s"] > 0
     assert summary["pruning"]["macs"]["after"] < summary["pruning"]["macs"]["before"]
     assert report["input_shapes"] == {"input": [32, 128]}
+    # measured at batch 32 with static shapes, compiled with a dynamic batch: said, with the way to compile that
+    assert "input[0] (batch, measured at 32)" in summary["latency"]["note"]
+    assert "--bind-dims" in summary["latency"]["note"]
     x = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32)
     out = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
     assert out.shape == (32, 10) and np.isfinite(out).all()
