@@ -11,6 +11,7 @@ Bundle layout (``out_dir``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .depth_first import split_prefix
 from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
 from .registry import TargetSpec, get_target
@@ -128,7 +130,9 @@ def _op_in_error(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
-def _import(model: onnx.ModelProto, spec: TargetSpec):
+def _import(model: onnx.ModelProto, spec: TargetSpec, shared: bool = False):
+    """``shared``: merge equal expressions before constant folding (the per-image copies of a depth-first prefix
+    each reshape the same biases, and folding each copy's again took 8x the time)."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -140,6 +144,8 @@ def _import(model: onnx.ModelProto, spec: TargetSpec):
         mod = from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False, sanitize_input_names=False)
     except Exception as exc:  # noqa: BLE001 - the importer raises many types
         raise SpcError(f"target {spec.name}: TVM could not import the model: {_first_line(exc)}") from exc
+    if shared:
+        mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = relax.transform.FoldConstant()(mod)
     del tvm
     return mod
@@ -160,6 +166,16 @@ def _type_info(ty) -> list[dict]:
     return [one(ty)]
 
 
+def _distinct(records: list) -> list:
+    seen, out = set(), []
+    for record in records:
+        key = (record.node, record.weight, tuple(record.shape), record.kernel)
+        if record.node is None or key not in seen:
+            seen.add(key)
+            out.append(dataclasses.replace(record, index=len(out)))
+    return out
+
+
 def compile_model(
     model: onnx.ModelProto,
     target: str | TargetSpec,
@@ -170,6 +186,7 @@ def compile_model(
     input_shapes: dict[str, list[int]] | None = None,
     progress: Callable[[str], None] | None = None,
     kernel: str | None = None,
+    depth_first: bool = True,
 ) -> dict:
     """Compile ``model`` for ``target`` ("x86", "arm", "cuda", ... see list_targets) into ``out_dir``.
 
@@ -178,7 +195,9 @@ def compile_model(
     symbolic (dynamic batch) unless ``input_shapes`` binds them. ``kernel`` ("dense" or "bsr") overrides the cost
     model's per-layer choice (benchmarks). ``sparsity`` may instead map weight (initializer) names to fractions:
     exactly those layers are sparsified, each at its own fraction, and run the BSR kernel (``--speedup`` measured
-    that it pays); the others stay dense. Returns the manifest (also written as manifest.json).
+    that it pays); the others stay dense. With a static batch of images, CPU targets run the high-resolution layers
+    one image at a time (depth_first.py) unless ``depth_first`` is False. Returns the manifest (also written as
+    manifest.json).
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
@@ -252,7 +271,15 @@ def compile_model(
     folded_model, n_pads = fold_pad(folded_model)
     if n_pads:
         say(f"folded {n_pads} zero Pad(s) into the convolution after each")
-    mod = _import(folded_model, spec)
+    split = depth_first
+    depth_first = None
+    layers_model = folded_model  # the per-layer records name the model's nodes, not their per-image copies
+    if split and spec.is_cpu:  # a static batch of images: the high-resolution layers one image at a time
+        folded_model, depth_first = split_prefix(folded_model)
+        if depth_first:
+            say(f"running the first {depth_first['prefix_nodes']} nodes one image at a time "
+                f"({depth_first['images']} images; their feature maps stay in cache)")
+    mod = _import(folded_model, spec, shared=depth_first is not None)
     records = []
     if spec.is_cpu:
         from .glue_schedule import cpu_pipeline
@@ -262,7 +289,7 @@ def compile_model(
         lowering = Lowering(
             spec,
             block=block,
-            weight_index=index_onnx_weights(folded_model),
+            weight_index=index_onnx_weights(layers_model),
             sparse=spec.sparse_kernels,
             force=kernel,
             force_layers=force_layers,
@@ -272,13 +299,15 @@ def compile_model(
         except SpcError:
             raise
         records = lowering.records
+        if depth_first:  # the per-image copies of a layer are one layer
+            records = _distinct(records)
         n_bsr = sum(r.kernel == "bsr" for r in records)
         say(f"lowered {len(records)} weight layers: {n_bsr} block-sparse, {len(records) - n_bsr} dense/other")
         pipeline = cpu_pipeline(spec)
     else:
         from .layer_records import describe, index_onnx_weights
 
-        records = describe(mod, index_onnx_weights(folded_model), "TVM's default (dlight) schedule for this target")
+        records = describe(mod, index_onnx_weights(layers_model), "TVM's default (dlight) schedule for this target")
         pipeline = "default"
 
     import tvm
@@ -339,6 +368,7 @@ def compile_model(
         "round_to": spec.round_to,
         "vector_lanes": spec.vector_lanes,
         "layers": [r.to_json() for r in records],
+        "depth_first": depth_first,
         "expected_speedup": _overall_speedup(records),
         "cost_model": "symbolic row counts (dynamic batch) are costed as 1 unless input_shapes binds them",
         "sparsify": sparsify_report,

@@ -8,6 +8,8 @@ pipeline that compiles the module afterwards; fusion.py finds the bias and ReLU 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import tvm
 import tvm.sym
@@ -109,6 +111,8 @@ class Lowering:
         self.force_layers = force_layers or {}  # ONNX weight name -> "dense"/"bsr" (--speedup's measured choice)
         self.records: list[LayerRecord] = []
         self._count = 0
+        self._kernels: dict[str, relax.GlobalVar] = {}
+        self._consts: dict[tuple, relax.Constant] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -116,10 +120,26 @@ class Lowering:
         self._count += 1
         return f"spc_{kind}_{self._count}"
 
+    def _add_func(self, mutator, kernel: kernels.Kernel):
+        """The kernel's GlobalVar, compiled once per distinct source: a prefix run per image (depth_first.py)
+        calls the same kernel on every image."""
+        key = kernel.source.replace(f"def {kernel.name}(", "def kernel(", 1)
+        gv = self._kernels.get(key)
+        if gv is None:
+            gv = self._kernels[key] = mutator.builder_.add_func(kernel.func.with_attr("op_pattern", OPAQUE),
+                                                                 kernel.name)
+        return gv
+
+    def _const(self, array: np.ndarray) -> relax.Constant:
+        """One constant per distinct array (the per-image copies of a layer share their packed weights)."""
+        key = (array.shape, str(array.dtype), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest())
+        if key not in self._consts:
+            self._consts[key] = relax.const(array)
+        return self._consts[key]
+
     def _call(self, mutator, kernel: kernels.Kernel, x, out_shape) -> relax.Expr:
-        func = kernel.func.with_attr("op_pattern", OPAQUE)
-        gv = mutator.builder_.add_func(func, kernel.name)
-        args = [x] + [relax.const(c) for c in kernel.consts]
+        gv = self._add_func(mutator, kernel)
+        args = [x] + [self._const(c) for c in kernel.consts]
         return relax.call_tir(gv, args, relax.TensorType(out_shape, "float32"))
 
     def _record(self, **kw) -> LayerRecord:
@@ -432,8 +452,7 @@ class Lowering:
         )
         a = mutator.builder_.emit(relax.op.reshape(mutator.visit_expr(a_orig), [bdim, m, k]))
         b = mutator.builder_.emit(relax.op.reshape(mutator.visit_expr(b_orig), [bdim, k, n]))
-        func = kern.func.with_attr("op_pattern", OPAQUE)
-        gv = mutator.builder_.add_func(func, kern.name)
+        gv = self._add_func(mutator, kern)
         c = mutator.builder_.emit(relax.call_tir(gv, [a, b], relax.TensorType([bdim, m, n], "float32")))
         return relax.op.reshape(c, list(batch_a) + [m, n])
 

@@ -1,0 +1,158 @@
+"""Depth-first prefixes (targets/depth_first.py): where the graph is cut, that the split graph computes what the
+original does (ONNX Runtime on both), that nodes mixing images stay out of the prefix, and that a compiled bundle
+with a split prefix matches ONNX Runtime, with one kernel and one layer record per layer."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spc.targets.testing import ort_run
+
+depth_first = importlib.import_module("spc.targets.depth_first")
+
+
+def _model(batch=4, size=96, stem=16, batch_constant=True, dynamic=False) -> onnx.ModelProto:
+    """conv 3x3 -> BN -> ReLU -> conv 3x3/2 -> + bias -> max-pool -> (x a [N, C, 1, 1] constant: one scale per
+    image) -> conv 1x1 -> Reshape to [N, -1] by Shape(x) (as exporters write it)."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape, low=None):
+        value = rng.uniform(0.5, 1.5, shape) if low else rng.normal(0, 0.3, shape)
+        return numpy_helper.from_array(value.astype(np.float32), name)
+
+    inits = [init("wa", stem, 3, 3, 3), init("bn.scale", stem, low=True), init("bn.bias", stem),
+             init("bn.mean", stem), init("bn.var", stem, low=True), init("wb", stem, stem, 3, 3),
+             init("bias_b", 1, stem, 1, 1), init("scale", batch if batch_constant else 1, stem, 1, 1),
+             init("wc", 8, stem, 1, 1), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+        helper.make_node("Slice", ["x_shape", "zero", "one"], ["n"], name="first_dim"),
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["a_bn"],
+                         name="bn"),
+        helper.make_node("Relu", ["a_bn"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Add", ["b", "bias_b"], ["b2"], name="add_bias"),
+        helper.make_node("MaxPool", ["b2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Mul", ["p", "scale"], ["m"], name="per_image_scale"),
+        helper.make_node("Conv", ["m", "wc"], ["c"], name="conv_c"),
+        helper.make_node("Concat", ["n", "minus_one"], ["flat_shape"], name="flat_shape", axis=0),
+        helper.make_node("Reshape", ["c", "flat_shape"], ["y"], name="flatten"),
+    ]
+    n = "n" if dynamic else batch
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_the_cut_stops_at_a_node_that_mixes_images():
+    model = _model()
+    cut = depth_first.choose_cut(model)
+    names = [model.graph.node[i].name for i in cut.nodes]
+    # the Mul by a [N, C, 1, 1] constant gives each image its own scale: it and what follows stay with the batch;
+    # Shape(x) is not per image either (it reads the batch size) and stays, reading the original input
+    assert names == ["conv_a", "bn", "relu", "conv_b", "add_bias", "pool"]
+    assert cut.crossing == ["p"] and cut.batch == 4
+
+
+def test_the_split_graph_computes_the_original():
+    model = _model()
+    split, info = depth_first.split_prefix(model)
+    onnx.checker.check_model(split)
+    assert info == {"images": 4, "prefix_nodes": 6, "cut": ["p"]}
+    assert sum(node.op_type == "Conv" for node in split.graph.node) == 2 * 4 + 1
+    assert {t.name for t in split.graph.initializer} == {t.name for t in model.graph.initializer}  # shared
+    x = np.random.default_rng(1).standard_normal((4, 3, 96, 96)).astype(np.float32)
+    expected = ort_run(model, {"x": x})["y"]
+    got = ort_run(split, {"x": x})["y"]
+    assert got.shape == expected.shape and np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_free_constant_lets_the_prefix_go_on():
+    model = _model(batch_constant=False)
+    cut = depth_first.choose_cut(model)
+    # the [1, C, 1, 1] scale is the same for every image: the prefix takes it and the 1x1 conv after it; the
+    # Reshape (its target read from Shape(x)) is not per image and stays with the batch
+    assert [model.graph.node[i].name for i in cut.nodes][-2:] == ["per_image_scale", "conv_c"]
+    assert cut.crossing == ["c"]
+    split, _ = depth_first.split_prefix(model)
+    x = np.random.default_rng(2).standard_normal((4, 3, 96, 96)).astype(np.float32)
+    assert np.allclose(ort_run(split, {"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,why", [
+    (dict(dynamic=True), "a dynamic batch: nothing to split"),
+    (dict(batch=1), "one image"),
+    (dict(size=16), "eight images' maps fit in cache"),
+    (dict(stem=64, size=32), "the crossing map is as large as any in the prefix"),
+])
+def test_no_cut_where_it_cannot_pay(variant, why):
+    model = _model(**variant)
+    assert depth_first.choose_cut(model) is None, why
+    assert depth_first.split_prefix(model) == (model, None)
+
+
+def test_identical_prim_funcs_compile_once():
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    from spc.targets.glue_schedule import distinct_prim_funcs
+
+    @I.ir_module
+    class Module:
+        @T.prim_func
+        def add_one(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+            for i in range(4):
+                b[i] = a[i] + T.float32(1)
+
+        @T.prim_func
+        def add_one_again(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+            for i in range(4):
+                b[i] = a[i] + T.float32(1)
+
+        @R.function
+        def main(x: R.Tensor((4,), "float32")):
+            cls = Module
+            y = R.call_tir(cls.add_one, (x,), out_ty=R.Tensor((4,), "float32"))
+            z = R.call_tir(cls.add_one_again, (y,), out_ty=R.Tensor((4,), "float32"))
+            return z
+
+    out = distinct_prim_funcs(Module)
+    prims = [gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(prims) == 1
+    ex = relax.build(out, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    result = vm["main"](tvm.runtime.tensor(np.arange(4, dtype=np.float32))).numpy()
+    assert np.array_equal(result, np.arange(4, dtype=np.float32) + 2)
+
+
+def test_compiled_bundle_with_a_split_prefix_matches_onnxruntime(tmp_path):
+    from spc.targets import compile_model, get_target, load_bundle, testing
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    model = testing.mobilenet_v2(size=64, batch=1)
+    shapes = {"input": [4, 3, 64, 64]}
+    split = compile_model(model, "x86", tmp_path / "split", input_shapes=shapes)
+    whole = compile_model(model, "x86", tmp_path / "whole", input_shapes=shapes, depth_first=False)
+    assert split["depth_first"]["images"] == 4 and split["depth_first"]["prefix_nodes"] > 10
+    assert whole["depth_first"] is None
+    assert len(split["layers"]) == len(whole["layers"])  # one record per layer, not one per image
+    assert [r["node"] for r in split["layers"]] == [r["node"] for r in whole["layers"]]
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    expected = ort_run(model, {"input": x})
+    got = load_bundle(tmp_path / "split").run({"input": x})
+    for name, value in expected.items():
+        assert np.abs(got[name] - value).max() <= 1e-4 * max(1.0, np.abs(value).max())
