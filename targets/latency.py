@@ -91,8 +91,8 @@ class LatencyCache:
             pass  # a read-only cache only costs re-measurement
 
 
-CODEGEN_SOURCES = ("compile.py", "fold.py", "lower.py", "fusion.py", "relax_util.py", "glue_schedule.py",
-                   "layer_records.py", "kernels", "measure.py", "registry.py")  # files, or packages (kernels/)
+CODEGEN_SOURCES = ("compile.py", "fold.py", "depth_first.py", "lower.py", "fusion.py", "relax_util.py",
+                   "glue_schedule.py", "layer_records.py", "kernels", "measure.py", "registry.py")  # files, or packages
 _codegen: str | None = None
 
 
