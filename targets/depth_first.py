@@ -119,6 +119,16 @@ PER_IMAGE: dict[str, Callable[[onnx.NodeProto, _Graph], bool]] = {
 }
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Names an If/Loop/Scan body reads from the enclosing graph without listing them as inputs."""
+    names = []
+    for attribute in node.attribute:
+        for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in body.node:
+                names += list(inner.input) + _subgraph_reads(inner)
+    return names
+
+
 def _bytes(shape) -> int:
     return 4 * int(np.prod(shape)) if shape and all(isinstance(d, int) and d > 0 for d in shape) else 0
 
@@ -159,7 +169,7 @@ def choose_cut(model: onnx.ModelProto) -> Cut | None:
     batch = x_shape[0]
     readers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
-        for name in node.input:
+        for name in list(node.input) + _subgraph_reads(node):
             readers.setdefault(name, []).append(index)
     outputs = {vo.name for vo in graph.output}
     members: list[int] = []

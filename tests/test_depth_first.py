@@ -89,6 +89,21 @@ def test_a_batch_free_constant_lets_the_prefix_go_on():
     assert np.allclose(ort_run(split, {"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_tensor_read_inside_an_if_branch_counts_as_crossing():
+    """An If's branch reads the ReLU's output by name, not as a node input: no cut may hide it inside the prefix
+    (every cut past the ReLU would then cross its full map, more than the rule allows)."""
+    model = _model()
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Identity", ["r"], [f"{name}_out"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
+    model.graph.node.append(helper.make_node("If", ["flag"], ["z"], name="branch", then_branch=branch("then"),
+                                             else_branch=branch("else")))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    assert depth_first._subgraph_reads(model.graph.node[-1]) == ["r", "r"]
+    assert depth_first.choose_cut(model) is None
+
+
 @pytest.mark.parametrize("variant,why", [
     (dict(dynamic=True), "a dynamic batch: nothing to split"),
     (dict(batch=1), "one image"),
