@@ -37,7 +37,7 @@ def _sparse(rng, shape, keep=0.3):
 pytestmark = pytest.mark.skipif(not HOST_RUNS, reason="x86 AVX-512 kernels need an AVX-512 host")
 
 
-@pytest.mark.parametrize("k,n", [(67, 100), (8, 3)])
+@pytest.mark.parametrize("k,n", [(67, 100), (8, 3), (64, 48), (16, 56)])  # last panels of 4, 3, 16 and 24 columns
 def test_dense_matmul_symbolic_rows(k, n):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -60,7 +60,7 @@ def test_dense_matmul_static_rows(m):
 
 
 @pytest.mark.parametrize("images,parallel", [(None, False), (3, False), (3, True)])
-@pytest.mark.parametrize("pixels,k,n", [(49, 40, 24), (13, 20, 70), (196, 96, 16)])
+@pytest.mark.parametrize("pixels,k,n", [(49, 40, 24), (13, 20, 70), (196, 96, 16), (196, 32, 48)])
 def test_dense_matmul_channels_first(images, parallel, pixels, k, n, monkeypatch):
     """A 1x1 convolution of NCHW images vectorised over output channels (small maps): per image, pixel tiles of
     rows with 4- and 1-row tails, panel tails of output channels; the batch symbolic or static, and a static batch
