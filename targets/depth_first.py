@@ -217,12 +217,16 @@ def split_prefix(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict | None]:
     taken = {name for node in graph.node for name in list(node.input) + list(node.output)}
     taken |= {t.name for t in graph.initializer} | {vi.name for vi in graph.input} | {n.name for n in graph.node}
     nodes = [node for node in prefix if node.op_type == "Constant"]  # shared by every copy
-    sizes = unique_name("depth_first_sizes", taken)
-    nodes.append(helper.make_node("Constant", [], [sizes],
-                                  value=numpy_helper.from_array(np.ones(cut.batch, dtype=np.int64))))
     images = [unique_name(f"{cut.input}__image{i}", taken) for i in range(cut.batch)]
-    nodes.append(helper.make_node("Split", [cut.input, sizes], images, axis=0,
-                                  name=unique_name("depth_first_split", taken)))
+    split_name = unique_name("depth_first_split", taken)
+    opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 13)
+    if opset < 13:  # the sizes were an attribute before opset 13
+        nodes.append(helper.make_node("Split", [cut.input], images, axis=0, split=[1] * cut.batch, name=split_name))
+    else:
+        sizes = unique_name("depth_first_sizes", taken)
+        nodes.append(helper.make_node("Constant", [], [sizes],
+                                      value=numpy_helper.from_array(np.ones(cut.batch, dtype=np.int64))))
+        nodes.append(helper.make_node("Split", [cut.input, sizes], images, axis=0, name=split_name))
     copies: dict[str, list[str]] = {name: [] for name in cut.crossing}
     for i, image in enumerate(images):
         renamed = {cut.input: image}

@@ -77,6 +77,16 @@ def test_the_split_graph_computes_the_original():
     assert got.shape == expected.shape and np.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_opset_11_model_gets_a_split_it_can_run():
+    model = _model()
+    model.opset_import[0].version = 11  # Split's sizes are an attribute there (Slice, Reshape, BN read the same)
+    split, info = depth_first.split_prefix(model)
+    onnx.checker.check_model(split)
+    assert info is not None
+    x = np.random.default_rng(3).standard_normal((4, 3, 96, 96)).astype(np.float32)
+    assert np.allclose(ort_run(split, {"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_free_constant_lets_the_prefix_go_on():
     model = _model(batch_constant=False)
     cut = depth_first.choose_cut(model)
