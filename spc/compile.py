@@ -153,13 +153,13 @@ def bound_shapes(model, dims: dict[str, int]) -> dict[str, list]:
 
 
 def unmeasured_dims(manifest: dict, measured: dict[str, list]) -> list[str]:
-    """Dynamic axes of the bundle's inputs that ``--speedup`` measured at a fixed size, e.g.
-    'input[0] (batch, measured at 8)'."""
+    """Dynamic axes of the bundle's inputs that ``--speedup`` measured at a fixed size above 1, e.g.
+    'input[0] (batch, measured at 8)' (at size 1 a dynamic axis costs little: the loops are per image anyway)."""
     out = []
     for io in manifest.get("inputs", []):
         sizes = measured.get(io["name"]) or []
         for axis, (dim, size) in enumerate(zip(io["shape"], sizes)):
-            if isinstance(dim, str):
+            if isinstance(dim, str) and size > 1:
                 out.append(f"{io['name']}[{axis}] ({dim}, measured at {size})")
     return out
 

@@ -181,3 +181,30 @@ def test_compiled_bundle_with_a_split_prefix_matches_onnxruntime(tmp_path):
     got = load_bundle(tmp_path / "split").run({"input": x})
     for name, value in expected.items():
         assert np.abs(got[name] - value).max() <= 1e-4 * max(1.0, np.abs(value).max())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3", "shufflenetv2", "googlenet", "convnext"])
+def test_zoo_cnns_split_to_the_same_outputs(name, tmp_path, monkeypatch):
+    """Real architectures (PyTorch exports: max-pool stems, squeeze-excitation, channel shuffle, inception
+    concats, LayerNorm2d through permutes) at batch 8, cut wherever the rules allow (the cache-size floor lifted:
+    the zoo's images are 64x64), give ONNX Runtime's outputs (bit for bit here; float tolerance allowed, as ONNX
+    Runtime may block a batch of one differently on another CPU)."""
+    pytest.importorskip("torch", reason="the zoo is exported from PyTorch modules; install the [test] extra")
+    from spc.targets.compile import _bind_shapes
+    from spc.targets.fold import fold_batchnorm, fold_pad, fold_shape_constants
+    from tests.zoo import export
+
+    monkeypatch.setattr(depth_first, "MIN_BATCH_MAP_BYTES", 0)
+    export(name, tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    x_info = model.graph.input[0]
+    shape = [8] + [d.dim_value for d in x_info.type.tensor_type.shape.dim][1:]
+    _bind_shapes(model, {x_info.name: shape})
+    model = fold_pad(fold_shape_constants(fold_batchnorm(model)[0])[0])[0]  # what compile_model splits
+    split, info = depth_first.split_prefix(model)
+    assert info is not None and info["prefix_nodes"] >= 2
+    onnx.checker.check_model(split)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    expected, got = ort_run(model, {x_info.name: x}, threads=1), ort_run(split, {x_info.name: x}, threads=1)
+    for key, value in expected.items():
+        assert np.allclose(got[key], value, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(value).max())))
