@@ -37,16 +37,15 @@ def parse_args(argv=None):
 
 
 def build(name: str):
+    """The model with a symbolic batch dimension (bench_layer_scaling builds the two mobile CNNs)."""
     from spc.targets import testing
 
-    if name == "mobilenet_v2":
-        return testing.mobilenet_v2(size=224, batch=1)
     if name == "cnn":
         return testing.cnn(channels=64, size=56)
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_targets import efficientnet_lite0
+    from bench_layer_scaling import build as build_mobile
 
-    return efficientnet_lite0(testing)
+    return build_mobile(name)
 
 
 def main(argv=None) -> int:
