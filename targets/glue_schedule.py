@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import relax, tirx
 
 from .registry import TargetSpec
@@ -80,37 +79,6 @@ def _glue_rules(lanes: int):
     return [Safe(dl.cpu.Reduction()), Safe(Glue())]
 
 
-@tvm.transform.module_pass(opt_level=0, name="SpcDistinctPrimFuncs")
-def distinct_prim_funcs(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
-    """One PrimFunc per distinct body: FuseTIR gives each call site its own function, so the per-image copies of a
-    prefix (depth_first.py) would be scheduled and compiled once per image."""
-    seen: dict[int, list] = {}
-    alias: dict = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        bare = func.without_attr("global_symbol")
-        key = tvm_ffi.structural_hash(bare)
-        twin = next((other for other, body in seen.get(key, ()) if tvm_ffi.structural_equal(bare, body)), None)
-        if twin is None:
-            seen.setdefault(key, []).append((gv, bare))
-        else:
-            alias[gv] = twin
-    if not alias:
-        return mod
-
-    @relax.expr_functor.mutator
-    class _Redirect(relax.PyExprMutator):
-        def visit_global_var_(self, gv):  # noqa: N802 - TVM's visitor naming
-            return alias.get(gv, gv)
-
-    out = tvm.IRModule({gv: func for gv, func in mod.functions_items() if gv not in alias}, attrs=mod.attrs)
-    for gv, func in list(out.functions_items()):
-        if isinstance(func, relax.Function):
-            out[gv] = _Redirect(out).visit_expr(func)
-    return out
-
-
 def cpu_pipeline(spec: TargetSpec):
     """The Relax pipeline for CPU targets (after ``rewrite``): legalize, fuse, schedule the glue, lower."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -134,7 +102,6 @@ def cpu_pipeline(spec: TargetSpec):
                     relax.transform.FoldConstant(),
                     relax.transform.FuseOps(),
                     relax.transform.FuseTIR(),
-                    distinct_prim_funcs,
                     dl.ApplyDefaultSchedule(*_glue_rules(lanes)),
                     *cpu_generic.dataflow_lower_passes(target),
                     *cpu_generic.finalize_passes(target),

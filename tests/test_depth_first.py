@@ -126,43 +126,6 @@ def test_no_cut_where_it_cannot_pay(variant, why):
     assert depth_first.split_prefix(model) == (model, None)
 
 
-def test_identical_prim_funcs_compile_once():
-    import tvm
-    from tvm import relax
-    from tvm.script import ir as I
-    from tvm.script import relax as R
-    from tvm.script import tirx as T
-
-    from spc.targets.glue_schedule import distinct_prim_funcs
-
-    @I.ir_module
-    class Module:
-        @T.prim_func
-        def add_one(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
-            for i in range(4):
-                b[i] = a[i] + T.float32(1)
-
-        @T.prim_func
-        def add_one_again(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
-            for i in range(4):
-                b[i] = a[i] + T.float32(1)
-
-        @R.function
-        def main(x: R.Tensor((4,), "float32")):
-            cls = Module
-            y = R.call_tir(cls.add_one, (x,), out_ty=R.Tensor((4,), "float32"))
-            z = R.call_tir(cls.add_one_again, (y,), out_ty=R.Tensor((4,), "float32"))
-            return z
-
-    out = distinct_prim_funcs(Module)
-    prims = [gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(prims) == 1
-    ex = relax.build(out, target="llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    result = vm["main"](tvm.runtime.tensor(np.arange(4, dtype=np.float32))).numpy()
-    assert np.array_equal(result, np.arange(4, dtype=np.float32) + 2)
-
-
 def test_compiled_bundle_with_a_split_prefix_matches_onnxruntime(tmp_path):
     from spc.targets import compile_model, get_target, load_bundle, testing
 
