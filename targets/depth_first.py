@@ -87,12 +87,20 @@ def _broadcast(node, graph: _Graph) -> bool:
 
 
 def _pad(node, graph: _Graph) -> bool:
-    """Constant amounts, none on the batch axis."""
+    """Constant amounts, none on the batch axis (with an ``axes`` input: axis 0 not among them)."""
+    if len(node.input) > 3 and node.input[3]:
+        axes, rank = graph.value(node.input[3]), len(graph.shape(node.output[0]) or ())
+        return axes is not None and rank > 0 and all(int(a) % rank != 0 for a in axes.reshape(-1))
     amounts = graph.value(node.input[1]) if len(node.input) > 1 else node_attr(node, "pads")
     if amounts is None:
         return False
     amounts = [int(a) for a in np.asarray(amounts).reshape(-1)]
     return len(amounts) >= 2 and amounts[0] == 0 and amounts[len(amounts) // 2] == 0
+
+
+def _one_output(node, _graph) -> bool:
+    """MaxPool's optional indices count over the whole batch: a copy per image would restart them."""
+    return len([name for name in node.output if name]) == 1
 
 
 def _keeps_batch_axis(node, graph: _Graph) -> bool:
@@ -111,7 +119,8 @@ PER_IMAGE: dict[str, Callable[[onnx.NodeProto, _Graph], bool]] = {
     "BatchNormalization": _batch_norm,
     "Clip": _constant_parameters,
     **dict.fromkeys(["Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus",
-                     "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"], _any),
+                     "Identity", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"], _any),
+    "MaxPool": _one_output,
     **dict.fromkeys(["Add", "Sub", "Mul", "Div"], _broadcast),
     "Pad": _pad,
     "Transpose": _keeps_batch_axis,

@@ -77,6 +77,25 @@ def test_the_split_graph_computes_the_original():
     assert got.shape == expected.shape and np.allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_ops_that_would_see_the_batch_stay_out():
+    """MaxPool's indices count over the whole batch; a Pad with axes including 0 pads the batch."""
+    with_indices = _model()
+    pool = next(node for node in with_indices.graph.node if node.name == "pool")
+    pool.output.append("pool_indices")
+    graph = depth_first._Graph(with_indices)
+    assert not depth_first.PER_IMAGE["MaxPool"](pool, graph)
+    assert depth_first.PER_IMAGE["MaxPool"](next(n for n in _model().graph.node if n.name == "pool"), graph)
+    pad = helper.make_node("Pad", ["p", "amounts", "", "axes"], ["padded"])
+    model = _model()
+    model.opset_import[0].version = 18  # Pad's axes input
+    model.graph.node.append(pad)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), "amounts"),
+                                    numpy_helper.from_array(np.array([2, 0], np.int64), "axes")])
+    assert not depth_first.PER_IMAGE["Pad"](pad, depth_first._Graph(model))
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([2, -1], np.int64), "axes"))
+    assert depth_first.PER_IMAGE["Pad"](pad, depth_first._Graph(model))
+
+
 def test_an_opset_11_model_gets_a_split_it_can_run():
     model = _model()
     model.opset_import[0].version = 11  # Split's sizes are an attribute there (Slice, Reshape, BN read the same)
