@@ -135,20 +135,14 @@ def bound_shapes(model, dims: dict[str, int]) -> dict[str, list]:
     bundle then accepts only those sizes."""
     if not dims:
         raise SpcError("--bind-dims: give the sizes to bind with --dim NAME=SIZE (e.g. --dim batch=8)")
-    inits = {init.name for init in model.graph.initializer}
-    shapes, used, seen = {}, set(), []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        original = [int(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?"
-                    for d in vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = [dims.get(d, d) if isinstance(d, str) else d for d in original]
-        used.update(d for d in original if isinstance(d, str) and d in dims)
-        seen.append(f"{vi.name} {original}")
-    unknown = sorted(set(dims) - used)
+    from .targets.compile import input_dims
+
+    declared = input_dims(model)
+    shapes = {name: [dims.get(d, d) if isinstance(d, str) else d for d in shape] for name, shape in declared.items()}
+    unknown = sorted(set(dims) - {d for shape in declared.values() for d in shape if isinstance(d, str)})
     if unknown:
         raise SpcError(f"--bind-dims: --dim {unknown[0]} names no dynamic axis of the model's inputs "
-                       f"({'; '.join(seen)})")
+                       f"({'; '.join(f'{name} {shape}' for name, shape in declared.items())})")
     return shapes
 
 

@@ -58,6 +58,11 @@ def _graph_inputs(model: onnx.ModelProto):
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
+def input_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Each graph input's dims: sizes, dim names, '?' for an unnamed dynamic one."""
+    return {vi.name: _dims(vi) for vi in _graph_inputs(model)}
+
+
 def _dims(vi) -> list:
     out = []
     for d in vi.type.tensor_type.shape.dim:

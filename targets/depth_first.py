@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spc.graph import node_attr
+from spc.graph import Graph, node_attr
 from spc.rewrite import unique_name
 
 # a convolution joins the prefix while its largest feature map (per image, input or output) is at least this many
@@ -38,30 +38,15 @@ MAX_CROSSING = 4  # tensors a cut may cross (each one a Concat)
 CROSSING_SHARE = 0.25
 
 
-class _Graph:
-    """What the checks read: static shapes (onnx shape inference on the bound model) and constant values."""
-
-    def __init__(self, model: onnx.ModelProto):
-        inferred = onnx.shape_inference.infer_shapes(model)
-        self.dims: dict[str, list] = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            self.dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                                  for d in vi.type.tensor_type.shape.dim]
-        self.constants = {t.name: t for t in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node_attr(node, "value") is not None:
-                self.constants[node.output[0]] = node_attr(node, "value")
-
-    def shape(self, name: str) -> list | None:
-        if name in self.constants:
-            return list(self.constants[name].dims)
-        return self.dims.get(name)
+class _Graph(Graph):
+    """spc's graph index (static shapes after inference, consumers including what If/Loop bodies read, constant
+    values) with the two questions the checks ask of a tensor."""
 
     def is_constant(self, name: str) -> bool:
-        return name in self.constants
+        return name in self.initializers or self.computed(name) is not None
 
     def value(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.constants[name]) if name in self.constants else None
+        return self.computed(name)
 
 
 def _any(_node, _graph) -> bool:
@@ -128,16 +113,6 @@ PER_IMAGE: dict[str, Callable[[onnx.NodeProto, _Graph], bool]] = {
 }
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> list[str]:
-    """Names an If/Loop/Scan body reads from the enclosing graph without listing them as inputs."""
-    names = []
-    for attribute in node.attribute:
-        for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-            for inner in body.node:
-                names += list(inner.input) + _subgraph_reads(inner)
-    return names
-
-
 def _bytes(shape) -> int:
     return 4 * int(np.prod(shape)) if shape and all(isinstance(d, int) and d > 0 for d in shape) else 0
 
@@ -167,24 +142,21 @@ def choose_cut(model: onnx.ModelProto) -> Cut | None:
     inputs = [vi for vi in graph.input if vi.name not in inits]
     if len(inputs) != 1:
         return None
+    x = inputs[0].name
+    x_shape = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim]
+    if len(x_shape) != 4 or not _bytes(x_shape) or x_shape[0] < 2:  # declared static: Graph would probe sizes
+        return None
     try:
         info = _Graph(model)
     except Exception:  # noqa: BLE001 - shape inference refuses some valid models; then there is no cut
         return None
-    x = inputs[0].name
-    x_shape = info.shape(x)
-    if not x_shape or len(x_shape) != 4 or not _bytes(x_shape) or x_shape[0] < 2:
-        return None
     batch = x_shape[0]
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in list(node.input) + _subgraph_reads(node):
-            readers.setdefault(name, []).append(index)
-    outputs = {vo.name for vo in graph.output}
+    index_of = {id(node): index for index, node in enumerate(info.nodes)}
+    outputs = set(info.outputs)
     members: list[int] = []
     produced: set[str] = set()
     best, largest = None, 0
-    for index, node in enumerate(graph.node):
+    for index, node in enumerate(info.nodes):
         if node.op_type == "Constant":
             continue
         data = [name for name in node.input if name and not info.is_constant(name)]
@@ -204,7 +176,8 @@ def choose_cut(model: onnx.ModelProto) -> Cut | None:
         if produced & outputs:
             break
         inside = set(members)
-        crossing = sorted(name for name in produced if any(r not in inside for r in readers.get(name, ())))
+        crossing = sorted(name for name in produced
+                          if any(index_of[id(reader)] not in inside for reader in info.consumers.get(name, ())))
         crossing_bytes = sum(_bytes(info.shape(name)) for name in crossing) // batch
         if 0 < len(crossing) <= MAX_CROSSING and crossing_bytes <= CROSSING_SHARE * largest:
             best = Cut(list(members), crossing, x, batch)

@@ -17,6 +17,7 @@ from tvm import relax, tirx
 
 from . import cost, kernels
 from .fusion import _Plan
+from .kernels.source import source_key
 from .layer_records import LayerRecord, weight_key
 from .registry import TargetSpec
 from .relax_util import (OP_LAYER_NORM, OP_MATMUL, OP_MAX_POOL, OP_SOFTMAX, OPAQUE, _const_array, _cost_dim, _dtype,
@@ -123,7 +124,7 @@ class Lowering:
     def _add_func(self, mutator, kernel: kernels.Kernel):
         """The kernel's GlobalVar, compiled once per distinct source: a prefix run per image (depth_first.py)
         calls the same kernel on every image."""
-        key = kernel.source.replace(f"def {kernel.name}(", "def kernel(", 1)
+        key = source_key(kernel.source, kernel.name)
         gv = self._kernels.get(key)
         if gv is None:
             gv = self._kernels[key] = mutator.builder_.add_func(kernel.func.with_attr("op_pattern", OPAQUE),

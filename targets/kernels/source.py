@@ -113,11 +113,16 @@ class _Src:
 _PARSED: dict[str, object] = {}  # TVMScript source (name-independent) -> PrimFunc; parsing costs ~0.5 s
 
 
+def source_key(src: str, name: str) -> str:
+    """A kernel's source without its name: equal keys, equal kernels (parsed once, compiled once)."""
+    return src.replace(f"def {name}(", "def kernel(", 1)
+
+
 def _parse(src: str, name: str, attrs: dict | None = None):
     import tvm
     from tvm.script import tirx as T
 
-    key = src.replace(f"def {name}(", "def kernel(", 1)
+    key = source_key(src, name)
     func = _PARSED.get(key)
     if func is None:
         try:
