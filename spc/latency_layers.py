@@ -10,6 +10,8 @@ the compiler folds or fuses) is one layer with that depthwise conv: the compiler
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .analysis import Analysis
@@ -161,8 +163,11 @@ def _matmul(node, graph, x, w):
 
 
 def find_layers(analysis: Analysis, cost_model: CostModel, dim_values: dict[str, int] | None,
-                round_to: int) -> list[Layer]:
+                round_to: int, per_image: tuple[set[str], int] = (set(), 1)) -> list[Layer]:
+    """``per_image``: (outputs of the nodes the compiled model runs one image at a time, the number of images);
+    their layers are specified and timed for one image (``Layer.images``)."""
     graph = analysis.graph
+    per_image_outputs, images = per_image
     values = dim_values or {}
     full_shape = cost_model.shape_function(np.zeros(analysis.atom_count, dtype=bool))
     low_shape = cost_model.shape_function(lowest_removal(analysis, round_to))
@@ -178,10 +183,11 @@ def find_layers(analysis: Analysis, cost_model: CostModel, dim_values: dict[str,
         w = graph.shape(node.input[1])
         if x is None or w is None:
             continue
-        name = node.name or node.output[0]
+        name, outputs = node.name or node.output[0], [node.output[0]]
         if node.output[0] in pairs and len(x) == 4:
             depthwise, activation, pads = pairs[node.output[0]]
             paired.add(depthwise.output[0])
+            outputs.append(depthwise.output[0])
             found = _expand_depthwise(node, depthwise, activation, pads, graph, x)
             name = f"{name}+{depthwise.name or depthwise.output[0]}"
         else:
@@ -189,7 +195,11 @@ def find_layers(analysis: Analysis, cost_model: CostModel, dim_values: dict[str,
         if found is None:
             continue
         spec, pixels, transposed = found
-        layer = Layer(name, node.op_type, node.input[1], spec, (0, 0), (0, 0), int(pixels), transposed)
+        alone = images > 1 and spec.op != "matmul" and all(out in per_image_outputs for out in outputs)
+        if alone:
+            spec = replace(spec, rows=1)
+        layer = Layer(name, node.op_type, node.input[1], spec, (0, 0), (0, 0), int(pixels), transposed,
+                      images=images if alone else 1)
         layer.full, layer.lowest = layer.widths(full_shape), layer.widths(low_shape)
         if layer.full != layer.lowest:
             layers.append(layer)

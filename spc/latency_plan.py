@@ -1,13 +1,14 @@
 """Planning under a latency budget: which atoms go so that the *predicted time on the target* meets a goal.
 
 The prediction is a sum over the model's prunable layers (Conv with group 1 or depthwise, MatMul/Gemm with a constant
-weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it, plus the rest of the
-model's measured time scaled by the share of layer output activations kept (elementwise work follows activation
-size). Atoms are ranked globally by normalised importance per square root of the seconds saved (``TIME_WEIGHT``):
-a group whose channels buy more time goes first at equal importance, but time does not outweigh importance as it
-did per second (measured: that cost accuracy on pretrained CNNs). As in plan.py, widths are rounded to
-``round_to``, the smallest prefix of the
-ranking that meets the goal is found by bisection on exact predictions, and over-removal is handed back.
+weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it (a layer the compiled
+model runs one image at a time, targets/depth_first.py, is timed on one image and counted once per image), plus the
+rest of the model's measured time scaled by the share of layer output activations kept (elementwise work follows
+activation size). Atoms are ranked globally by normalised importance per square root of the seconds saved
+(``TIME_WEIGHT``): a group whose channels buy more time goes first at equal importance, but time does not outweigh
+importance as it did per second (measured: that cost accuracy on pretrained CNNs). As in plan.py, widths are rounded
+to ``round_to``, the smallest prefix of the ranking that meets the goal is found by bisection on exact predictions,
+and over-removal is handed back.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Layer:
     bsr: dict = field(default_factory=dict)  # density -> measured time(BSR) / time(dense), where BSR pays
     bsr_loss: dict = field(default_factory=dict)  # density -> share of the weight's magnitude zeroed
     density: float = 1.0  # the planner's choice: 1.0 dense, else the BSR density (latency_sparse.py)
+    images: int = 1  # > 1: the compiled model runs this layer once per image (targets/depth_first.py); ``spec``
+    # and ``table`` are one image's
+
+    def seconds(self, ci: float, co: float) -> float:
+        """Predicted seconds per model call at widths (ci, co), dense."""
+        return self.table.predict(ci, co) * self.images
 
     def widths(self, shape) -> tuple[int, int]:
         """(in, out) widths from the weight's shape after pruning."""
@@ -70,7 +77,7 @@ class LatencyModel:
         for layer in self.layers:
             ci, co = layer.widths(shape)
             scale = layer.bsr.get(layer.density, 1.0) if layer.density < 1.0 else 1.0
-            out.append(((ci, co), layer.table.predict(ci, co) * scale))
+            out.append(((ci, co), layer.seconds(ci, co) * scale))
         return out
 
     def predict(self, removed: np.ndarray) -> float:

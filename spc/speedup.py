@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .api import Progress, PruneResult, _as_model
 from .cost import CostModel
@@ -128,6 +129,22 @@ def _sparse_options(analysis, scores, latency, speedup, round_to, normalize, mea
     say(f"block-sparse kernels pay in {sum(bool(layer.bsr) for layer in layers)} of {len(layers)} layers")
 
 
+def _per_image(model, shapes: dict[str, list[int]], spec) -> tuple[set[str], int]:
+    """The nodes compile_model will run one image at a time at these input shapes (targets/depth_first.py: CPU
+    targets, a static batch), and how many images: their layers are timed per image, as they will run (timed on
+    the whole batch, MobileNetV2's first layers took 1.25-2x as long per image, and the planner's first
+    prediction at batch 8 was 1.83x where 2.03x was measured)."""
+    from .targets.compile import bind_shapes
+    from .targets.depth_first import per_image_outputs
+
+    if not spec.is_cpu:
+        return set(), 1
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    bind_shapes(bound, shapes)
+    return per_image_outputs(bound)
+
+
 def _fastest(latency: LatencyModel, removed: np.ndarray) -> float:
     """Predicted seconds with ``removed`` gone and every layer at its fastest measured kernel."""
     latency.set_densities({i: min(layer.bsr, key=layer.bsr.get) for i, layer in enumerate(latency.layers)
@@ -201,21 +218,21 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
     context = PassContext(calibration=calibration, seed=seed, dim_values=dims)
     scores = scorer(analysis, context)
     cost_model = CostModel(analysis, dims)
-    layers = find_layers(analysis, cost_model, dims, round_to)
+    shapes = input_shapes(analysis.graph, dims)
+    layers = find_layers(analysis, cost_model, dims, round_to, per_image=_per_image(proto, shapes, spec))
     if not layers:
         raise SpcError("--speedup: no prunable Conv/MatMul/Gemm layer in the model, nothing to trade for time")
     cache = LatencyCache(cache_dir)
     overhead = _tables(layers, measurer, round_to, widths, cache, say)
-    shapes = input_shapes(analysis.graph, dims)
     say(f"compiling and timing the dense model for {spec.name}")
     dense = measurer.runner(proto, shapes)
     t_dense = min(measurer.time(dense) for _ in range(3))
-    layer_sum = sum(layer.table.predict(*layer.full) for layer in layers)
+    layer_sum = sum(layer.seconds(*layer.full) for layer in layers)
     if layer_sum > SUSPECT * t_dense:  # noise at the time a table was measured (they are cached for good)
         say(f"the layers timed alone add up to {layer_sum / t_dense:.1f}x the whole model: timing them again")
         overhead = _tables(layers, measurer, round_to, widths, cache, say, again=True)
         t_dense = min([t_dense] + [measurer.time(dense) for _ in range(3)])
-        layer_sum = sum(layer.table.predict(*layer.full) for layer in layers)
+        layer_sum = sum(layer.seconds(*layer.full) for layer in layers)
     latency = LatencyModel(cost_model, layers, t_dense - layer_sum, fixed_seconds=overhead)
     nothing = np.zeros(analysis.atom_count, dtype=bool)
     min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
@@ -348,7 +365,7 @@ class _Search:
     def _recalibrate(self) -> None:
         """The rest of the model's time from the fastest dense run seen so far (noise only ever adds time)."""
         fastest = min(it["measured_dense_s"] for it in self.iterations)
-        layers = sum(layer.table.predict(*layer.full) for layer in self.latency.layers)
+        layers = sum(layer.seconds(*layer.full) for layer in self.latency.layers)
         if fastest < layers + self.latency.other:
             self.latency.other = max(fastest - layers, 0.0)
             self.base = self.latency.predict(np.zeros(self.analysis.atom_count, dtype=bool))
@@ -381,13 +398,15 @@ def _report(spec, measurer, speedup, round_to, shapes, t_dense, layer_sum, laten
         row = {"node": layer.node, "op": layer.op, "weight": layer.weight, "kind": layer.spec.op,
                "depthwise": layer.spec.depthwise, "in": [layer.full[0], ci], "out": [layer.full[1], co],
                "kernel": "bsr" if density < 1.0 else "dense", "density": density,
-               "predicted_dense_s": layer.table.predict(*layer.full), "predicted_s": predicted,
+               "predicted_dense_s": layer.seconds(*layer.full), "predicted_s": predicted,
                "table": layer.table.to_json()}
+        if layer.images > 1:  # run once per image (depth-first prefix): the table is one image's, the seconds all
+            row["images"] = layer.images
         if layer.bsr_loss:  # BSR/dense time ratios where BSR pays, share of magnitude zeroed per density
             row["bsr"] = {f"{d:g}": {"time_ratio": round(layer.bsr[d], 4) if d in layer.bsr else None,
                                      "magnitude_zeroed": round(layer.bsr_loss[d], 4)} for d in layer.bsr_loss}
         if cache is not None:
-            row["measured_s"] = measure_layer(measurer, layer.spec, ci, co, cache, density=density)
+            row["measured_s"] = measure_layer(measurer, layer.spec, ci, co, cache, density=density) * layer.images
         rows.append(row)
     record = dict(best["record"], measured_speedup=best["record"]["confirmed_speedup"])
     return {"format": FORMAT, "target": spec.name, "device": measurer.device_name,

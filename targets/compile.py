@@ -75,7 +75,7 @@ def _dims(vi) -> list:
     return out
 
 
-def _bind_shapes(model: onnx.ModelProto, input_shapes: dict[str, list] | None) -> dict[str, list]:
+def bind_shapes(model: onnx.ModelProto, input_shapes: dict[str, list] | None) -> dict[str, list]:
     """Set the given input shapes on the graph inputs (in place); returns what was bound. An entry that is the
     name of the input's own symbolic dim keeps that dim symbolic (bind the batch, keep the sequence length)."""
     if not input_shapes:
@@ -234,7 +234,7 @@ def compile_model(
     _prepare_out_dir(out)
 
     model = copy.deepcopy(model)
-    bound = _bind_shapes(model, input_shapes)
+    bound = bind_shapes(model, input_shapes)
     _check_supported_ops(model, spec)
 
     notes = list(spec.notes)

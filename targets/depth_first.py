@@ -186,6 +186,15 @@ def choose_cut(model: onnx.ModelProto) -> Cut | None:
     return best
 
 
+def per_image_outputs(model: onnx.ModelProto) -> tuple[set[str], int]:
+    """The outputs of the nodes ``split_prefix`` would run one image at a time, and the number of images (an empty
+    set and 1 when there is no cut): the latency planner times those layers per image, as they run."""
+    cut = choose_cut(model)
+    if cut is None:
+        return set(), 1
+    return {name for index in cut.nodes for name in model.graph.node[index].output if name}, cut.batch
+
+
 def split_prefix(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict | None]:
     """``model`` with its prefix (``choose_cut``) run once per image, and what was done (for the manifest); the
     model itself and None when no prefix pays."""

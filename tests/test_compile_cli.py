@@ -89,15 +89,15 @@ def test_bind_shapes_keeps_the_dims_it_is_not_given():
     import onnx
     from onnx import TensorProto, helper
 
-    from spc.targets.compile import _bind_shapes
+    from spc.targets.compile import bind_shapes
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
     fresh = onnx.ModelProto()
     fresh.CopyFrom(model)
-    bound = _bind_shapes(model, {"x": [2, "seq", 4]})
+    bound = bind_shapes(model, {"x": [2, "seq", 4]})
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert bound == {"x": [2, "seq", 4]} and dims[0].dim_value == 2 and dims[1].dim_param == "seq"
     with pytest.raises(Exception, match="incompatible"):
-        _bind_shapes(fresh, {"x": [2, "len", 4]})
+        bind_shapes(fresh, {"x": [2, "len", 4]})

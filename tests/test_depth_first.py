@@ -145,6 +145,37 @@ def test_no_cut_where_it_cannot_pay(variant, why):
     assert depth_first.split_prefix(model) == (model, None)
 
 
+def test_the_latency_planner_times_prefix_layers_one_image_at_a_time():
+    """``--speedup`` measures each layer as the compiled model will run it: a prefix layer on one image, its time
+    counted once per image; the others on the whole batch; nothing per image for a GPU target (no split there)."""
+    from spc.analysis import analyze
+    from spc.cost import CostModel
+    from spc.graph import Graph
+    from spc.latency_layers import find_layers
+    from spc.latency_plan import LatencyModel
+    from spc.speedup import _per_image, input_shapes
+    from spc.targets import get_target
+    from spc.targets.latency import LatencyTable
+
+    model = _model(batch=4, dynamic=True)
+    analysis = analyze(Graph(model))
+    dims = {"n": 4}
+    shapes = input_shapes(analysis.graph, dims)
+    assert _per_image(model, shapes, get_target("cuda")) == (set(), 1)
+    per_image = _per_image(model, shapes, get_target("x86"))
+    assert per_image[1] == 4 and {"a", "b", "p"} <= per_image[0] and "c" not in per_image[0]
+    cost = CostModel(analysis, dims)
+    layers = {layer.node: layer for layer in find_layers(analysis, cost, dims, 1, per_image=per_image)}
+    assert [(layers[n].spec.rows, layers[n].images) for n in ("conv_a", "conv_b", "conv_c")] == [(1, 4), (1, 4), (4, 1)]
+    for layer in layers.values():
+        layer.table = LatencyTable([layer.full[0]], [layer.full[1]], [[1e-3]])
+    latency = LatencyModel(cost, list(layers.values()), 0.0)
+    seconds = [s for _widths, s in latency.layer_seconds(np.zeros(analysis.atom_count, dtype=bool))]
+    assert seconds == pytest.approx([4e-3, 4e-3, 1e-3])
+    whole = find_layers(analysis, cost, dims, 1)
+    assert [(layer.spec.rows, layer.images) for layer in whole] == [(4, 1)] * 3
+
+
 def test_compiled_bundle_with_a_split_prefix_matches_onnxruntime(tmp_path):
     from spc.targets import compile_model, get_target, load_bundle, testing
 
@@ -172,7 +203,7 @@ def test_zoo_cnns_split_to_the_same_outputs(name, tmp_path, monkeypatch):
     the zoo's images are 64x64), give ONNX Runtime's outputs (bit for bit here; float tolerance allowed, as ONNX
     Runtime may block a batch of one differently on another CPU)."""
     pytest.importorskip("torch", reason="the zoo is exported from PyTorch modules; install the [test] extra")
-    from spc.targets.compile import _bind_shapes
+    from spc.targets.compile import bind_shapes
     from spc.targets.fold import fold_batchnorm, fold_pad, fold_shape_constants
     from tests.zoo import export
 
@@ -181,7 +212,7 @@ def test_zoo_cnns_split_to_the_same_outputs(name, tmp_path, monkeypatch):
     model = onnx.load(str(tmp_path / "m.onnx"))
     x_info = model.graph.input[0]
     shape = [8] + [d.dim_value for d in x_info.type.tensor_type.shape.dim][1:]
-    _bind_shapes(model, {x_info.name: shape})
+    bind_shapes(model, {x_info.name: shape})
     model = fold_pad(fold_shape_constants(fold_batchnorm(model)[0])[0])[0]  # what compile_model splits
     split, info = depth_first.split_prefix(model)
     assert info is not None and info["prefix_nodes"] >= 2
