@@ -109,12 +109,27 @@ def _store_row(a: _Src, ind: int, count: int, lanes: int, store) -> None:
         store(ind, str(offset), width)
 
 
+def _channel_vectors(a: _Src, ind: int, channel: str, taps: int, bias: bool, lanes: int) -> tuple[list[str], str | None]:
+    """The channel's tap weights (and bias) broadcast once into vectors of their own, before its rows: read from
+    ``K`` inside a product, LLVM re-read and re-broadcast each tap for every output vector (inside a parallel loop's
+    body it cannot prove the stores leave ``K`` unchanged); from small local vectors it keeps them in registers
+    (MobileNetV2's first depthwise conv, batch 1: 187 -> 151 us). Returns the expressions to use inside a
+    ``T.vectorized`` loop over ``v``."""
+    names = [a.fresh("kv") for _ in range(taps + (1 if bias else 0))]
+    for t, name in enumerate(names):
+        a(ind, f'{name} = T.alloc_buffer(({lanes},), "float32")')
+        a(ind, f"for v in T.vectorized({lanes}):")
+        a(ind + 1, f"{name}[v] = " + (f"K[{channel}, {t}]" if t < taps else f"B[{channel}]"))
+    return [f"{name}[v]" for name in names[:taps]], (f"{names[-1]}[v]" if bias else None)
+
+
 def emit_depthwise_rows(a: _Src, ind: int, g: Planes, plane: str, channel: str, out: str, bias: bool,
                         act: str | Clip | None, params: CpuKernelParams) -> None:
     """Output rows of one channel: ``out[row, col]`` (``out`` indexes a buffer by its last two axes) from the
     planes at offset ``plane``, kernel ``K[channel, tap]``, bias ``B[channel]``, one output row at a time."""
     sh, sw = g.stride
     dh, dw = g.dilation
+    taps, bias_value = _channel_vectors(a, ind, channel, g.kh * g.kw, bias, params.lanes)
     a(ind, f"for row in range({g.oh}):")
 
     def tap(i: int, j: int, offset: str) -> str:
@@ -122,8 +137,8 @@ def emit_depthwise_rows(a: _Src, ind: int, g: Planes, plane: str, channel: str, 
         return f"P[{plane} + (row * {sh} + {i * dh}) * {g.width} + {(col % sw) * g.part + col // sw} + {offset} + v]"
 
     def store(ind2: int, offset: str, count: int) -> None:
-        terms = [f"K[{channel}, {i * g.kw + j}] * {tap(i, j, offset)}" for i in range(g.kh) for j in range(g.kw)]
-        value = _epilogue(" + ".join(terms), f"B[{channel}]" if bias else None, act)
+        terms = [f"{taps[i * g.kw + j]} * {tap(i, j, offset)}" for i in range(g.kh) for j in range(g.kw)]
+        value = _epilogue(" + ".join(terms), bias_value, act)
         a(ind2, f"for v in T.vectorized({count}):")
         a(ind2 + 1, f"{out}row, {offset} + v] = {value}")
 
@@ -219,12 +234,12 @@ def depthwise_conv2d(name: str, c: int, h: int, w: int, weight: np.ndarray, stri
     if not flat:
         emit_depthwise_rows(a, 3, g, base, "channel", "Y[image, channel, ", bias is not None, act, params)
     else:
-        terms = [f"K[channel, {i * kw + j}] * P[{base} + {g.flat_offset(i, j)} + o * {lanes} + v]"
+        taps, bias_value = _channel_vectors(a, 3, "channel", kh * kw, bias is not None, lanes)
+        terms = [f"{taps[i * kw + j]} * P[{base} + {g.flat_offset(i, j)} + o * {lanes} + v]"
                  for i in range(kh) for j in range(kw)]
         a(3, f"for o in range({length // lanes}):")
         a(4, f"for v in T.vectorized({lanes}):")
-        a(5, f"V[channel * {length} + o * {lanes} + v] = "
-             f"{_epilogue(' + '.join(terms), 'B[channel]' if bias is not None else None, act)}")
+        a(5, f"V[channel * {length} + o * {lanes} + v] = {_epilogue(' + '.join(terms), bias_value, act)}")
         a(3, f"for row in range({g.oh}):")
 
         def copy_out(ind: int, offset: str, count: int) -> None:
