@@ -137,7 +137,8 @@ def _per_image(model, shapes: dict[str, list[int]], spec) -> tuple[set[str], int
     from .targets.compile import bind_shapes
     from .targets.depth_first import per_image_outputs
 
-    if not spec.is_cpu:
+    batches = [shape[0] for shape in shapes.values() if len(shape) == 4]
+    if not spec.is_cpu or len(shapes) != 1 or not batches or batches[0] < 2:  # no split: spare the model's copy
         return set(), 1
     bound = onnx.ModelProto()
     bound.CopyFrom(model)

@@ -162,6 +162,7 @@ def test_the_latency_planner_times_prefix_layers_one_image_at_a_time():
     dims = {"n": 4}
     shapes = input_shapes(analysis.graph, dims)
     assert _per_image(model, shapes, get_target("cuda")) == (set(), 1)
+    assert _per_image(model, {"x": [1, 3, 96, 96]}, get_target("x86")) == (set(), 1)  # one image: no split
     per_image = _per_image(model, shapes, get_target("x86"))
     assert per_image[1] == 4 and {"a", "b", "p"} <= per_image[0] and "c" not in per_image[0]
     cost = CostModel(analysis, dims)
