@@ -14,7 +14,10 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 * ``depthwise_flat``: the depthwise kernel's flat form on maps narrower than a vector (kernels/depthwise.py)
   against its row form, on EfficientNet-Lite0's and MobileNetV2's small-map layers alone and in the models;
 * ``small_1x1``: 1x1 convs on small maps vectorised over output channels (lower.py ``_small_map_1x1``) against
-  conv2d's pixel vectors, on EfficientNet-Lite0 and MobileNetV2 (batch 1 and 8).
+  conv2d's pixel vectors, on EfficientNet-Lite0 and MobileNetV2 (batch 1 and 8);
+* ``row_block``: the depthwise row form's output rows computed several at a time (kernels/depthwise.py
+  ``ROW_BLOCK``) against one row at a time, on MobileNetV2's large-map depthwise layers alone and on MobileNetV2 and
+  EfficientNet-Lite0 (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -79,6 +82,9 @@ def _efficientnet_lite0(testing):
     return efficientnet_lite0(testing)
 
 
+RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block")
+
+
 def rule_switch(rule: str):
     """(turn the rule on or off, models {title: (build, input shape)})."""
     from spc.targets import fusion, lower, testing
@@ -127,15 +133,27 @@ def rule_switch(rule: str):
         models.update(mobilenet)
         models["MobileNetV2 224x224, batch 8"] = (lambda: testing.mobilenet_v2(size=224, batch=8), [8, 3, 224, 224])
         return (lambda on: setattr(lower, "_small_map_1x1", original if on else (lambda g: False))), models
+    if rule == "row_block":
+        from spc.targets.kernels import depthwise
+
+        original = dict(depthwise.ROW_BLOCK)
+        models = {f"depthwise 3x3/{s}, {c}x{n}x{n}": (lambda c=c, n=n, s=s: lone_depthwise(c, n, s), [1, c, n, n])
+                  for c, n, s in MOBILENET_V2_DEPTHWISE if n >= 28}
+        for batch in (1, 8):
+            models[f"MobileNetV2 224x224, batch {batch}"] = (lambda b=batch: testing.mobilenet_v2(size=224, batch=b),
+                                                             [batch, 3, 224, 224])
+            models[f"EfficientNet-Lite0 224x224, batch {batch}"] = (lambda: _efficientnet_lite0(testing),
+                                                                    [batch, 3, 224, 224])
+        return (lambda on: setattr(depthwise, "ROW_BLOCK", original if on else {})), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
-    raise SystemExit(f"--rule: unknown rule {rule!r} (maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat, small_1x1)")
+    raise SystemExit(f"--rule: unknown rule {rule!r} ({', '.join(RULES)})")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", default="maxpool", help="maxpool, depthwise, clip, pad, expand_depthwise, depthwise_flat or small_1x1")
+    p.add_argument("--rule", default="maxpool", help=", ".join(RULES))
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)
@@ -177,7 +195,8 @@ def main(argv=None) -> int:
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
-        off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors"}.get(
+        off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
+               "row_block": "one row"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

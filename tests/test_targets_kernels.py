@@ -367,6 +367,8 @@ def test_max_pool2d_matches_torch(case, n_static):
     dict(c=4, h=7, w=7, kernel=(3, 3), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(2, 2)),
     dict(c=3, h=9, w=20, kernel=(3, 1), stride=(1, 2), pads=(0, 0, 0, 0), dilation=(1, 1)),
     dict(c=3, h=4, w=32, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1)),  # rows of whole vectors
+    # rows four at a time (ROW_BLOCK), then the last three one at a time; two whole vectors and a 3-column tail
+    dict(c=3, h=7, w=35, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1)),
     dict(c=2, h=7, w=7, kernel=(5, 5), stride=(1, 1), pads=(2, 2, 2, 2), dilation=(1, 1)),  # EfficientNet's 7x7
 ])
 @pytest.mark.parametrize("n_static", [None, 2, "parallel per image", "parallel per batch"])
@@ -413,6 +415,7 @@ def test_depthwise_conv2d_matches_torch(case, n_static, epilogue, monkeypatch):
     dict(c_in=3, c=10, h=8, w=38, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1)),  # groups of 5 channels
     dict(c_in=4, c=8, h=11, w=34, kernel=(5, 5), stride=(2, 2), pads=(2, 1, 2, 3)),  # odd left pad: phases swap
     dict(c_in=6, c=7, h=6, w=33, kernel=(3, 3), stride=(1, 2), pads=(0, 0, 1, 1)),  # groups of 7, no top/left pad
+    dict(c_in=9, c=4, h=6, w=35, kernel=(3, 3), stride=(1, 1), pads=(1, 1, 1, 1)),  # 4 rows + 2, 2 vectors + 3
 ])
 @pytest.mark.parametrize("n_static", [None, 2])
 @pytest.mark.parametrize("epilogues", [((False, None), (False, None)), ((True, Clip(0.0, 6.0)), (True, "relu"))])

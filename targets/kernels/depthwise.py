@@ -123,26 +123,58 @@ def _channel_vectors(a: _Src, ind: int, channel: str, taps: int, bias: bool, lan
     return [f"{name}[v]" for name in names[:taps]], (f"{names[-1]}[v]" if bias else None)
 
 
+# output rows computed together, by row stride: each input row a window reads is loaded once for all of them (a
+# stride-1 3x3 window's rows serve three output rows each), where one row at a time loaded 9 vectors per output
+# vector; one thread, MobileNetV2's layers alone: 32x112x112 1.44x, 144x56x56 1.33x, 192x28x28 1.20x
+# (bench_kernel_ab.py --rule row_block). Stride 2 shares one input row in three between neighbours: two rows
+# together measured 0.98-1.02x, so it stays one row at a time.
+ROW_BLOCK = {1: 4}
+
+
 def emit_depthwise_rows(a: _Src, ind: int, g: Planes, plane: str, channel: str, out: str, bias: bool,
                         act: str | Clip | None, params: CpuKernelParams) -> None:
     """Output rows of one channel: ``out[row, col]`` (``out`` indexes a buffer by its last two axes) from the
-    planes at offset ``plane``, kernel ``K[channel, tap]``, bias ``B[channel]``, one output row at a time."""
+    planes at offset ``plane``, kernel ``K[channel, tap]``, bias ``B[channel]``. Whole vectors go ``ROW_BLOCK``
+    rows at a time, each row's sum into a vector of its own before any is stored (so that LLVM may reuse the loads:
+    a store to the output could, for all it knows, change the planes); the rest one row at a time."""
     sh, sw = g.stride
     dh, dw = g.dilation
-    taps, bias_value = _channel_vectors(a, ind, channel, g.kh * g.kw, bias, params.lanes)
-    a(ind, f"for row in range({g.oh}):")
+    lanes = params.lanes
+    taps, bias_value = _channel_vectors(a, ind, channel, g.kh * g.kw, bias, lanes)
 
-    def tap(i: int, j: int, offset: str) -> str:
-        col = j * dw
-        return f"P[{plane} + (row * {sh} + {i * dh}) * {g.width} + {(col % sw) * g.part + col // sw} + {offset} + v]"
+    def product(row: str, offset: str) -> str:
+        def tap(i: int, j: int) -> str:
+            col = j * dw
+            return (f"P[{plane} + ({row} * {sh} + {i * dh}) * {g.width} + {(col % sw) * g.part + col // sw} + "
+                    f"{offset} + v]")
+
+        return " + ".join(f"{taps[i * g.kw + j]} * {tap(i, j)}" for i in range(g.kh) for j in range(g.kw))
 
     def store(ind2: int, offset: str, count: int) -> None:
-        terms = [f"{taps[i * g.kw + j]} * {tap(i, j, offset)}" for i in range(g.kh) for j in range(g.kw)]
-        value = _epilogue(" + ".join(terms), bias_value, act)
         a(ind2, f"for v in T.vectorized({count}):")
-        a(ind2 + 1, f"{out}row, {offset} + v] = {value}")
+        a(ind2 + 1, f"{out}row, {offset} + v] = {_epilogue(product('row', offset), bias_value, act)}")
 
-    _store_row(a, ind + 1, g.ow, params.lanes, store)
+    block, whole = ROW_BLOCK.get(sh, 1), g.ow // lanes
+    blocked = g.oh // block * block if whole and block > 1 else 0
+    if blocked:
+        a(ind, f"for rb in range({blocked // block}):")
+        a(ind + 1, f"for o in range({whole}):")
+        sums = [a.fresh("rowsum") for _ in range(block)]
+        for r, name in enumerate(sums):
+            a(ind + 2, f'{name} = T.alloc_buffer(({lanes},), "float32")')
+            a(ind + 2, f"for v in T.vectorized({lanes}):")
+            a(ind + 3, f"{name}[v] = {product(f'(rb * {block} + {r})', f'o * {lanes}')}")
+        for r, name in enumerate(sums):
+            a(ind + 2, f"for v in T.vectorized({lanes}):")
+            a(ind + 3, f"{out}rb * {block} + {r}, o * {lanes} + v] = {_epilogue(f'{name}[v]', bias_value, act)}")
+        tails = pieces(g.ow, lanes)[whole:]
+        if tails:
+            a(ind, f"for row in range({blocked}):")
+            for offset, width in tails:
+                store(ind + 1, str(offset), width)
+    if blocked < g.oh:
+        a(ind, f"for row in range({blocked}, {g.oh}):" if blocked else f"for row in range({g.oh}):")
+        _store_row(a, ind + 1, g.ow, lanes, store)
 
 
 def _flat_length(g: Planes, lanes: int) -> int:
