@@ -3,8 +3,8 @@
 The prediction is a sum over the model's prunable layers (Conv with group 1 or depthwise, MatMul/Gemm with a constant
 weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it (a layer the compiled
 model runs one image at a time, targets/depth_first.py, is timed on one image and counted once per image), plus the
-rest of the model's measured time scaled by the share of layer output activations kept (elementwise work follows
-activation size). Atoms are ranked globally by normalised importance per square root of the seconds saved
+rest of the model's measured time scaled by the work left to the ops outside the layers (latency_rest.py: attention
+shrinks with the heads, GELU with the FFN, a LayerNorm with neither). Atoms are ranked globally by normalised importance per square root of the seconds saved
 (``TIME_WEIGHT``): a group whose channels buy more time goes first at equal importance, but time does not outweigh
 importance as it did per second (measured: that cost accuracy on pretrained CNNs). As in plan.py, widths are rounded
 to ``round_to``, the smallest prefix of the ranking that meets the goal is found by bisection on exact predictions,
@@ -56,23 +56,30 @@ class Layer:
 
 
 class LatencyModel:
-    """Predicted seconds of the model after removing atoms: layer tables + the rest scaled by activation size.
+    """Predicted seconds of the model after removing atoms: layer tables + the rest of the model's time, scaled by
+    ``rest`` (spc.latency_rest.RestWork: the work of the ops outside the layers at the plan's shapes) or, without
+    one, by the layers' output activations kept.
 
     ``fixed_seconds`` of the rest do not scale: one call's overhead (VM entry, argument checks), which the layer
     tables do not hold (they are measured less it) and which a small model's time is largely made of."""
 
-    def __init__(self, cost_model: CostModel, layers: list[Layer], other_seconds: float, fixed_seconds: float = 0.0):
+    def __init__(self, cost_model: CostModel, layers: list[Layer], other_seconds: float, fixed_seconds: float = 0.0,
+                 rest=None):
         self.cost_model, self.layers, self.other = cost_model, layers, max(other_seconds, 0.0)
         self.fixed = max(fixed_seconds, 0.0)
         self.full_activation = sum(layer.full[1] * layer.pixels for layer in layers) or 1
+        full_shape = cost_model.shape_function(np.zeros(cost_model.analysis.atom_count, dtype=bool))
+        self.rest, self.full_rest = rest, (rest(full_shape) if rest is not None else 0.0)
+        if self.full_rest <= 0:
+            self.rest = None
 
     def set_densities(self, densities: dict[int, float]) -> None:
         """Layer index -> BSR density for the layers to predict block-sparse; the others dense."""
         for i, layer in enumerate(self.layers):
             layer.density = densities.get(i, 1.0)
 
-    def layer_seconds(self, removed: np.ndarray) -> list[tuple[tuple[int, int], float]]:
-        shape = self.cost_model.shape_function(removed)
+    def layer_seconds(self, removed: np.ndarray, shape=None) -> list[tuple[tuple[int, int], float]]:
+        shape = shape or self.cost_model.shape_function(removed)
         out = []
         for layer in self.layers:
             ci, co = layer.widths(shape)
@@ -81,10 +88,14 @@ class LatencyModel:
         return out
 
     def predict(self, removed: np.ndarray) -> float:
-        per_layer = self.layer_seconds(removed)
-        kept = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers))
+        shape = self.cost_model.shape_function(removed)
+        per_layer = self.layer_seconds(removed, shape)
+        if self.rest is not None:
+            share = self.rest(shape) / self.full_rest
+        else:
+            share = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers)) / self.full_activation
         fixed = min(self.fixed, self.other)
-        return sum(t for _w, t in per_layer) + fixed + (self.other - fixed) * kept / self.full_activation
+        return sum(t for _w, t in per_layer) + fixed + (self.other - fixed) * share
 
 
 @dataclass

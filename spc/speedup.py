@@ -33,6 +33,7 @@ from .errors import SpcError
 from .graph import Graph
 from .latency_layers import find_layers
 from .latency_plan import TIME_WEIGHT, LatencyModel, lowest_removal, plan_for_latency
+from .latency_rest import RestWork
 from .latency_sparse import BlockPricer, compensate_blocks, measure_sparse, plan_with_sparsity, price_blocks
 from .rewrite import apply_removal
 
@@ -234,13 +235,15 @@ def prune_for_speedup(model, speedup: float, target: str, *, criterion: str = "o
         overhead = _tables(layers, measurer, round_to, widths, cache, say, again=True)
         t_dense = min([t_dense] + [measurer.time(dense) for _ in range(3)])
         layer_sum = sum(layer.seconds(*layer.full) for layer in layers)
-    latency = LatencyModel(cost_model, layers, t_dense - layer_sum, fixed_seconds=overhead)
+    lowest = lowest_removal(analysis, round_to)
+    latency = LatencyModel(cost_model, layers, t_dense - layer_sum, fixed_seconds=overhead,
+                           rest=RestWork(analysis.graph, cost_model, lowest))
     nothing = np.zeros(analysis.atom_count, dtype=bool)
     min_macs = cost_model.base.macs * min_efficiency / speedup if min_efficiency > 0 else None
     if spec.sparse_kernels and sparse:
         _sparse_options(analysis, scores, latency, speedup, round_to, scorer.normalize, measurer, cache, say,
                         min_macs, time_weight)
-    ceiling = latency.predict(nothing) / _fastest(latency, lowest_removal(analysis, round_to))
+    ceiling = latency.predict(nothing) / _fastest(latency, lowest)
     if ceiling < speedup:
         why = (f"{speedup:g}x is predicted out of reach on {spec.name}: at most {ceiling:.2f}x with every removable "
                "channel gone (the rest of the model's time does not shrink)")
