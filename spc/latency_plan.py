@@ -4,11 +4,11 @@ The prediction is a sum over the model's prunable layers (Conv with group 1 or d
 weight) of each layer's latency table (targets/latency.py) at the widths the plan leaves it (a layer the compiled
 model runs one image at a time, targets/depth_first.py, is timed on one image and counted once per image), plus the
 rest of the model's measured time scaled by the work left to the ops outside the layers (latency_rest.py: attention
-shrinks with the heads, GELU with the FFN, a LayerNorm with neither). Atoms are ranked globally by normalised importance per square root of the seconds saved
-(``TIME_WEIGHT``): a group whose channels buy more time goes first at equal importance, but time does not outweigh
-importance as it did per second (measured: that cost accuracy on pretrained CNNs). As in plan.py, widths are rounded
-to ``round_to``, the smallest prefix of the ranking that meets the goal is found by bisection on exact predictions,
-and over-removal is handed back.
+shrinks with the heads, GELU with the FFN, a LayerNorm with neither). Atoms are ranked globally by normalised
+importance per square root of the seconds saved (``TIME_WEIGHT``): a group whose channels buy more time goes first
+at equal importance, but time does not outweigh importance as it did per second (measured: that cost accuracy on
+pretrained CNNs). As in plan.py, widths are rounded to ``round_to``, the smallest prefix of the ranking that meets
+the goal is found by bisection on exact predictions, and over-removal is handed back.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LatencyModel:
             layer.density = densities.get(i, 1.0)
 
     def layer_seconds(self, removed: np.ndarray, shape=None) -> list[tuple[tuple[int, int], float]]:
-        shape = shape or self.cost_model.shape_function(removed)
+        shape = self.cost_model.shape_function(removed) if shape is None else shape
         out = []
         for layer in self.layers:
             ci, co = layer.widths(shape)
@@ -93,7 +93,8 @@ class LatencyModel:
         if self.rest is not None:
             share = self.rest(shape) / self.full_rest
         else:
-            share = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers)) / self.full_activation
+            kept = sum(co * layer.pixels for ((_ci, co), _t), layer in zip(per_layer, self.layers))
+            share = kept / self.full_activation
         fixed = min(self.fixed, self.other)
         return sum(t for _w, t in per_layer) + fixed + (self.other - fixed) * share
 

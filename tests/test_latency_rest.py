@@ -56,7 +56,8 @@ def test_attention_work_goes_with_the_heads_and_the_ffn_takes_only_gelu(encoder)
     assert full == pytest.approx(expected)
     erf = next(n for n in graph.nodes if n.op_type == "Erf").output[0]
     assert not any(erf in tensors for tensors in rest._passes)  # fused into the GELU chain's first pass
-    bias_adds = [n.output[0] for n in graph.nodes if n.op_type == "Add" and any(i in graph.initializers for i in n.input)]
+    bias_adds = [n.output[0] for n in graph.nodes
+                 if n.op_type == "Add" and any(i in graph.initializers for i in n.input)]
     assert bias_adds and not any(t in tensors[-1:] for tensors in rest._passes for t in bias_adds)  # epilogues
     half_heads = _share(analysis, cost, rest, heads.atoms[:2])
     half_ffn = _share(analysis, cost, rest, ffn.atoms[:32])

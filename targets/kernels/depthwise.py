@@ -109,7 +109,8 @@ def _store_row(a: _Src, ind: int, count: int, lanes: int, store) -> None:
         store(ind, str(offset), width)
 
 
-def _channel_vectors(a: _Src, ind: int, channel: str, taps: int, bias: bool, lanes: int) -> tuple[list[str], str | None]:
+def _channel_vectors(a: _Src, ind: int, channel: str, taps: int, bias: bool,
+                     lanes: int) -> tuple[list[str], str | None]:
     """The channel's tap weights (and bias) broadcast once into vectors of their own, before its rows: read from
     ``K`` inside a product, LLVM re-read and re-broadcast each tap for every output vector (inside a parallel loop's
     body it cannot prove the stores leave ``K`` unchanged); from small local vectors it keeps them in registers
