@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .analysis.rules.elementwise import NARY_ROLES, UNARY
 from .cost import COSTED_OPS, node_macs
 from .graph import FLOAT_TYPES
 
@@ -37,10 +38,8 @@ MACS_PER_ELEMENT = 20.0
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Constant",
             "ConstantOfShape", "Dropout"}
 
-ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
-                   "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Gelu", "Mish", "Softplus", "HardSigmoid",
-                   "HardSwish", "Clip", "Neg", "Abs", "Max", "Min", "Where", "Cast", "Floor", "Ceil", "Round",
-                   "Sign", "Not", "And", "Or", "Equal", "Less", "Greater", "BatchNormalization"}
+# the analysis' elementwise ops (its coupling rules), with the two it couples elsewhere
+ELEMENTWISE_OPS = (set(UNARY) | set(NARY_ROLES) | {"Clip", "BatchNormalization"}) - FREE_OPS
 
 # what spc's code generation fuses into the weight layer before it (targets/fusion.py and fold.py)
 EPILOGUE_OPS = {"Add", "Relu", "Clip", "BatchNormalization"}

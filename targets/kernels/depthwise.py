@@ -105,6 +105,11 @@ def _store_row(a: _Src, ind: int, count: int, lanes: int, store) -> None:
     if count >= lanes:
         a(ind, f"for o in range({count // lanes}):")
         store(ind + 1, f"o * {lanes}", lanes)
+    _store_tail(a, ind, count, lanes, store)
+
+
+def _store_tail(a: _Src, ind: int, count: int, lanes: int, store) -> None:
+    """``store(ind, offset, width)`` over the pieces of a row after its whole vectors."""
     for offset, width in pieces(count, lanes)[count // lanes:]:
         store(ind, str(offset), width)
 
@@ -168,11 +173,9 @@ def emit_depthwise_rows(a: _Src, ind: int, g: Planes, plane: str, channel: str, 
         for r, name in enumerate(sums):
             a(ind + 2, f"for v in T.vectorized({lanes}):")
             a(ind + 3, f"{out}rb * {block} + {r}, o * {lanes} + v] = {_epilogue(f'{name}[v]', bias_value, act)}")
-        tails = pieces(g.ow, lanes)[whole:]
-        if tails:
+        if g.ow % lanes:
             a(ind, f"for row in range({blocked}):")
-            for offset, width in tails:
-                store(ind + 1, str(offset), width)
+            _store_tail(a, ind + 1, g.ow, lanes, store)
     if blocked < g.oh:
         a(ind, f"for row in range({blocked}, {g.oh}):" if blocked else f"for row in range({g.oh}):")
         _store_row(a, ind + 1, g.ow, lanes, store)
