@@ -17,7 +17,10 @@ thread), with ONNX Runtime on the same model beside them. Rules:
   conv2d's pixel vectors, on EfficientNet-Lite0 and MobileNetV2 (batch 1 and 8);
 * ``row_block``: the depthwise row form's output rows computed several at a time (kernels/depthwise.py
   ``ROW_BLOCK``) against one row at a time, on MobileNetV2's large-map depthwise layers alone and on MobileNetV2 and
-  EfficientNet-Lite0 (batch 1 and 8).
+  EfficientNet-Lite0 (batch 1 and 8);
+* ``channel_vectors``: dense convolutions on padded planes vectorised over output channels
+  (kernels/conv_channels.py) against pixel vectors (kernels/conv_planes.py), on ResNet-18's convolution shapes
+  alone and in ResNet-18 and the 56x56 CNN (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -82,7 +85,19 @@ def _efficientnet_lite0(testing):
     return efficientnet_lite0(testing)
 
 
-RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block")
+RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
+         "channel_vectors")
+
+# dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
+RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
+                (128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (256, 512, 14, 3, 2), (512, 512, 7, 3, 1)]
+
+
+def lone_conv(c_in: int, c_out: int, size: int, kernel: int, stride: int):
+    from spc.targets.measure import LayerSpec
+
+    spec = LayerSpec("conv", 1, size, size, (kernel, kernel), (stride, stride), (kernel // 2,) * 4, bias=True)
+    return spec.model(c_in, c_out)
 
 
 def rule_switch(rule: str):
@@ -145,6 +160,18 @@ def rule_switch(rule: str):
             models[f"EfficientNet-Lite0 224x224, batch {batch}"] = (lambda: _efficientnet_lite0(testing),
                                                                     [batch, 3, 224, 224])
         return (lambda on: setattr(depthwise, "ROW_BLOCK", original if on else {})), models
+    if rule == "channel_vectors":
+        from spc.targets.kernels import conv_channels
+
+        models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
+                                                               lone_conv(ci, co, n, k, s), [1, ci, n, n])
+                  for ci, co, n, k, s in RESNET_CONVS}
+        for batch in (1, 8):
+            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
+                                                           [batch, 3, 224, 224])
+            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
+                                                   [batch, 3, 56, 56])
+        return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
@@ -196,7 +223,7 @@ def main(argv=None) -> int:
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
-               "row_block": "one row"}.get(
+               "row_block": "one row", "channel_vectors": "pixel vectors"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

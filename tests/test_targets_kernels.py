@@ -159,6 +159,62 @@ def test_conv2d(case, sparse, batch, monkeypatch):
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-5)
 
 
+CHANNEL_VECTOR_CASES = CONV_CASES[-9:] + [
+    # rows of 15 pixels (tiles of 8 and 7), 40 channels (two vectors, then a last tile of one, half of it valid)
+    dict(c_in=16, h=9, w=15, c_out=40, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(c_in=16, h=28, w=28, c_out=64, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(c_in=8, h=27, w=27, c_out=33, kh=3, kw=3, stride=(2, 2), pad=(1, 1, 1, 1), dilation=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", CHANNEL_VECTOR_CASES)
+@pytest.mark.parametrize("batch", ["symbolic", "chunked"])
+def test_conv2d_channel_vectors(case, batch, monkeypatch):
+    """The form vectorised over output channels (conv_channels.py), forced on every geometry that reads padded
+    planes: row tails, channel counts that end in a narrower tile or in part of a vector, strides and dilations,
+    bias and ReLU, images one per launch and in parallel chunks."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels.conv, "channel_vectors_pay", lambda g, planes, params: planes is not None)
+    rng = np.random.default_rng(5)
+    g = kernels.ConvGeom(**case)
+    n = 2 if batch == "symbolic" else 6
+    if batch == "chunked":
+        monkeypatch.setattr(kernels.conv_layout, "FOLD_BATCH_BYTES", 2 * kernels.conv_buffer_bytes(g, PARAMS, None) + 4)
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_MACS", 0)
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_COPY", 0)
+    w = rng.standard_normal((g.c_out, g.c_in, g.kh, g.kw)).astype(np.float32)
+    b = rng.standard_normal(g.c_out).astype(np.float32)
+    kern = kernels.conv2d("conv_cv", g, w.reshape(g.c_out, -1), b, "relu", PARAMS,
+                          n_static=None if batch == "symbolic" else n)
+    assert "XP = " in kern.source and "YP = " not in kern.source
+    if batch == "chunked":
+        assert "T.parallel" in kern.source and f"range({n} // 2)" in kern.source
+    x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
+    got = _run(_build(kern), kern, [x], (n, g.c_out, g.pixels))
+    tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+    ref = torch.nn.functional.conv2d(tx, torch.tensor(w), torch.tensor(b), stride=g.stride, dilation=g.dilation)
+    np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
+    """ResNet's 3x3 convolutions on 28x28 to 7x7 maps (their planes' padding columns are 7-30% of the pixel
+    vectors' work) take output-channel vectors; a 3-channel 7x7/2 stem (147 products per output element, so the
+    stores weigh) keeps pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row."""
+    def geom(c_in, hw, c_out, k=3, stride=1):
+        return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
+                                pad=(k // 2,) * 4, dilation=(1, 1))
+
+    def form(g):
+        src = kernels.conv2d("c", g, np.ones((g.c_out, g.k), np.float32), None, None, PARAMS, n_static=1).source
+        return "channels" if "XP = " in src and "YP = " not in src else "pixels"
+
+    assert [form(geom(c, hw, c)) for c, hw in [(128, 28), (256, 14), (512, 7)]] == ["channels"] * 3
+    assert form(geom(128, 28, 256, stride=2)) == "channels"
+    assert form(geom(3, 224, 64, k=7, stride=2)) == "pixels"
+    tiles = [kernels.conv_channels.channel_tile(geom(64, hw, 64), PARAMS) for hw in (56, 28, 7, 11)]
+    assert [(t.positions, t.last, t.vectors) for t in tiles] == [(8, 8, 2), (7, 7, 2), (7, 7, 2), (6, 5, 2)]
+
+
 def _random_geometry(rng) -> kernels.ConvGeom:
     kh, kw, sh, sw, dh, dw = (int(v) for v in (*rng.integers(1, 6, 2), *rng.integers(1, 4, 2), *rng.integers(1, 3, 2)))
     return kernels.ConvGeom(c_in=int(rng.integers(1, 24)), h=int(rng.integers(max(kh * dh, 5), 30)),
@@ -206,7 +262,7 @@ def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
         src = kernels.conv2d("c", g, w, None, None, PARAMS, bsr=bsr, n_static=1).source
         return "XP" if "XP = " in src else "XC" if "XC = " in src else None
 
-    assert [buffer(geom(c, hw, c)) for c, hw in [(64, 56), (128, 28), (256, 14), (512, 7)]] == ["XP"] * 4
+    assert [buffer(geom(c, hw, c)) for c, hw in [(64, 56), (128, 28), (256, 14), (512, 7)]] == ["XP"] * 4  # planes
     assert buffer(geom(64, 56, 128, stride=2)) == buffer(geom(3, 224, 64, k=7, stride=2)) == "XP"
     planes = kernels.conv_planes._shifted_planes
     assert planes(geom(64, 56, 128, stride=2), PARAMS).phases == ((0, 0), (0, 1), (1, 0), (1, 1))

@@ -11,7 +11,8 @@ One kernel family per module:
 
 * ``dense.py``         ``dense_matmul``: X @ W with a constant, packed W.
 * ``bsr.py``           ``bsr_matmul`` and the block-sparse (BSR) weight format.
-* ``conv.py``          ``conv2d`` through im2col; ``conv_planes.py`` its shifted-view form; ``conv_layout.py``
+* ``conv.py``          ``conv2d`` through im2col; ``conv_planes.py`` its shifted-view form (pixel vectors);
+                       ``conv_channels.py`` the same planes with output-channel vectors; ``conv_layout.py``
                        their shared geometry, tiles and signature.
 * ``batch_matmul.py``  ``batch_matmul`` of two activations (attention).
 * ``rows.py``          ``layer_norm`` and ``softmax`` over the last axis.

@@ -8,6 +8,7 @@ import numpy as np
 
 from .bsr import BSR, SCALED_INDICES, _bsr_accumulate, scaled_indices
 from .conv_layout import ConvGeom, _bsr_conv_chunk, _conv_head, _conv_tile, _images_per_launch, pack_conv_weight
+from .conv_channels import _conv2d_channel_vectors, channel_buffer_bytes, channel_vectors_pay
 from .conv_planes import _conv2d_shifted, _shifted_planes
 from .source import (
     CpuKernelParams, Kernel, _ceil, _choose_mr, _copy_loop, _epilogue, _loop, _parse, _spill, _Src, _tile_accumulate,
@@ -70,9 +71,11 @@ def conv2d_takes_flat_input(g: ConvGeom, params: CpuKernelParams, block: tuple[i
 
 
 def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
-    """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes and the
-    output with its extra columns (shifted form), the im2col matrix, or nothing (1x1 on whole tiles)."""
+    """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
+    pixel vectors, the output with its extra columns), the im2col matrix, or nothing (1x1 on whole tiles)."""
     planes = _shifted_planes(g, params, block)
+    if block is None and channel_vectors_pay(g, planes, params):
+        return channel_buffer_bytes(g)
     if planes is not None:
         return planes.buffer_bytes(g)
     if conv2d_takes_flat_input(g, params, block):
@@ -102,6 +105,8 @@ def conv2d(
     """
     sparse = bsr is not None
     planes = _shifted_planes(g, params, bsr.block if sparse else None)
+    if not sparse and channel_vectors_pay(g, planes, params):
+        return _conv2d_channel_vectors(name, g, w_out_in, bias, act, params, n_static)
     if planes is not None:
         return _conv2d_shifted(name, g, planes, w_out_in, bias, act, params, n_static, bsr)
     tile_w = _conv_tile(g, params, bsr.block if sparse else None)
