@@ -199,7 +199,8 @@ def test_conv2d_channel_vectors(case, batch, monkeypatch):
 def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
     """ResNet's 3x3 convolutions on 28x28 to 7x7 maps (their planes' padding columns are 7-30% of the pixel
     vectors' work) take output-channel vectors; a 3-channel 7x7/2 stem (147 products per output element, so the
-    stores weigh) keeps pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row."""
+    stores weigh) keeps pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row, and
+    an odd last vector alone on up to 20."""
     def geom(c_in, hw, c_out, k=3, stride=1):
         return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
                                 pad=(k // 2,) * 4, dilation=(1, 1))
@@ -211,8 +212,12 @@ def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
     assert [form(geom(c, hw, c)) for c, hw in [(128, 28), (256, 14), (512, 7)]] == ["channels"] * 3
     assert form(geom(128, 28, 256, stride=2)) == "channels"
     assert form(geom(3, 224, 64, k=7, stride=2)) == "pixels"
-    tiles = [kernels.conv_channels.channel_tile(geom(64, hw, 64), PARAMS) for hw in (56, 28, 7, 11)]
-    assert [(t.positions, t.last, t.vectors) for t in tiles] == [(8, 8, 2), (7, 7, 2), (7, 7, 2), (6, 5, 2)]
+    tiles = [kernels.conv_channels.channel_tiles(geom(64, hw, 64), PARAMS) for hw in (56, 28, 7, 11)]
+    assert [[(t.count, t.vectors, t.positions, t.last) for t in kinds] for kinds in tiles] == [
+        [(2, 2, 8, 8)], [(2, 2, 7, 7)], [(2, 2, 7, 7)], [(2, 2, 6, 5)]]
+    # 80 channels: two tiles of two vectors, then the fifth vector alone with rows of twice the pixels
+    kinds = kernels.conv_channels.channel_tiles(geom(80, 28, 80), PARAMS)
+    assert [(t.first, t.count, t.vectors, t.positions) for t in kinds] == [(0, 2, 2, 7), (2, 1, 1, 14)]
 
 
 def _random_geometry(rng) -> kernels.ConvGeom:
