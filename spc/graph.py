@@ -36,14 +36,21 @@ def node_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # ops whose output shapes inference computes
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes from ONNX Runtime's symbolic shape inference, which keeps dynamic axes named through masks,
     Expand and Reshape chains (onnx's own inference invents a new 'unk__' symbol at each of them), falling back to
     onnx's inference with data propagation. Stale value_info is dropped first (some exporters write wrong shapes).
     onnx's inference runs first: when it leaves no hole and invents no symbol (most CNNs), it is the answer, and
-    the symbolic one (and importing sympy) is spared."""
+    the symbolic one (and importing sympy) is spared. The stated shapes of custom-domain ops' outputs are kept: no
+    inference can compute them, and without them every layer after such an op had no shape (and no MACs)."""
     copy = light_copy(model)
+    custom = {out for node in model.graph.node if node.domain not in ONNX_DOMAINS for out in node.output}
+    stated = [value for value in copy.graph.value_info if value.name in custom]
     del copy.graph.value_info[:]
+    copy.graph.value_info.extend(stated)
     try:
         inferred = shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # inference gives up on some custom ops; keep what the model states

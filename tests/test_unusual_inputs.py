@@ -49,6 +49,24 @@ def test_microsoft_domain_fused_conv_prunes():
     assert sorted(g.size for g in analysis.prunable_groups if g.size > 1) == [8, 8]  # FusedConv's and the BN conv's
 
 
+def test_custom_op_stated_output_shape_reaches_the_layers_after_it():
+    """No inference computes a custom op's output shape; the shape the model states is used, so the layers after
+    it have shapes and MACs (they counted 0 when every stated shape was dropped as possibly stale)."""
+    from spc import cost
+    from spc.graph import Graph
+
+    b = GraphBuilder()
+    x = b.input("x", ["N", 16, 32])
+    odd = b.op("Mystery", [b.op("MatMul", [x, b.w(32, 64)])], domain="com.example")
+    h = b.op("MatMul", [odd, b.w(64, 64)])
+    y = b.op("MatMul", [b.op("Relu", [h]), b.w(64, 8)])
+    model = b.model(y, shapes={y: ["N", 16, 8]})
+    model.graph.value_info.append(helper.make_tensor_value_info(odd, TensorProto.FLOAT, ["N", 16, 64]))
+    graph = Graph(model)
+    assert graph.shape(odd) == graph.shape(h) == ("N", 16, 64)
+    assert cost.count(graph, {"N": 1}).macs == 16 * (32 * 64 + 64 * 64 + 64 * 8)
+
+
 def test_several_inputs_and_outputs():
     b = GraphBuilder()
     x1 = b.input("x", ["N", 3, 8, 8])
