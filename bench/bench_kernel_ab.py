@@ -2,7 +2,7 @@
 
 Each model is compiled twice for x86, with the rule on and with it off (the op then goes to TVM's legalized
 schedule, as before the rule existed), and the two bundles are timed round-robin (median of per-round ratios; one
-thread), with ONNX Runtime on the same model beside them. Rules:
+thread unless ``--threads``), with ONNX Runtime on the same model beside them. Rules:
 
 * ``maxpool``: max pooling (kernels/pool.py) on a lone 3x3/2 pool of 64x112x112, the 56x56 CNN and ResNet-18;
 * ``depthwise``: depthwise convolutions (kernels/depthwise.py) on MobileNetV2's 17 layer shapes alone and in the
@@ -24,6 +24,7 @@ thread), with ONNX Runtime on the same model beside them. Rules:
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
+    python bench/bench_kernel_ab.py --rule channel_vectors --threads 2 --models ResNet
 """
 
 from __future__ import annotations
@@ -184,12 +185,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per variant per round")
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=1, help="for TVM and ONNX Runtime")
+    p.add_argument("--models", default=None, help="only the models whose title contains one of these (comma list)")
     args = p.parse_args(argv)
-    os.environ["TVM_NUM_THREADS"] = "1"
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read once by TVM's thread pool: before importing TVM
     sys.path.insert(0, str(ROOT))
     from spc.targets import compile_model, load_bundle
 
     switch, models = rule_switch(args.rule)
+    if args.models:
+        models = {t: m for t, m in models.items() if any(part in t for part in args.models.split(","))}
     tmp = Path(tempfile.mkdtemp(prefix="spc-bench-kernel-ab-"))
     rows = []
     for title, (build, shape) in models.items():
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         timers["ORT"] = lambda session=session, x=x: session.run(None, x)
         ratios, times = [], {v: [] for v in timers}
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
             for variant, fn in timers.items():
                 times[variant].append(per_call(fn, args.budget))
             ratios.append(times["TVM"][-1] / times["spc"][-1])
-        row = {"rule": args.rule, "model": title, "tvm_ms": float(np.median(times["TVM"])) * 1e3,
+        row = {"rule": args.rule, "model": title, "threads": args.threads, "tvm_ms": float(np.median(times["TVM"])) * 1e3,
                "spc_ms": float(np.median(times["spc"])) * 1e3, "ort_ms": float(np.median(times["ORT"])) * 1e3,
                "speedup": float(np.median(ratios)),
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
