@@ -20,7 +20,10 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
   EfficientNet-Lite0 (batch 1 and 8);
 * ``channel_vectors``: dense convolutions on padded planes vectorised over output channels
   (kernels/conv_channels.py) against pixel vectors (kernels/conv_planes.py), on ResNet-18's convolution shapes
-  alone and in ResNet-18 and the 56x56 CNN (batch 1 and 8).
+  alone and in ResNet-18 and the 56x56 CNN (batch 1 and 8);
+* ``parallel_copy``: copies (im2col, planes, transposes) of 32K elements and more on the thread pool against 256K
+  (kernels/source.py ``PARALLEL_MIN_COPY``), on 3x3 layers compiled 80% block-sparse and on the CNN, ResNet-18,
+  MobileNetV2 and the encoder (dense); meant for ``--threads 2``.
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -87,7 +90,7 @@ def _efficientnet_lite0(testing):
 
 
 RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
-         "channel_vectors")
+         "channel_vectors", "parallel_copy")
 
 # dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
 RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
@@ -173,6 +176,21 @@ def rule_switch(rule: str):
             models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
                                                    [batch, 3, 56, 56])
         return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
+    if rule == "parallel_copy":
+        from spc.targets.kernels import source
+
+        original = source.PARALLEL_MIN_COPY
+        models = {f"conv 3x3 {c} -> {c}, {n}x{n}, 80% block-sparse": (lambda c=c, n=n: lone_conv(c, c, n, 3, 1),
+                                                                      [1, c, n, n])
+                  for c, n in [(64, 56), (128, 28), (256, 14)]}
+        for batch in (1, 8):
+            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
+                                                   [batch, 3, 56, 56])
+        models["ResNet-18 224x224, batch 1"] = (lambda: testing.resnet18(size=224, batch=1), [1, 3, 224, 224])
+        models.update(mobilenet)
+        models["encoder d=384, batch 1"] = (lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128,
+                                                                    batch=1), [1, 128, 384])
+        return (lambda on: setattr(source, "PARALLEL_MIN_COPY", original if on else 1 << 18)), models
     if rule == "clip":
         original = fusion._Plan._clip
         return (lambda on: setattr(fusion._Plan, "_clip", original if on else (lambda self, call: None))), mobilenet
@@ -205,7 +223,8 @@ def main(argv=None) -> int:
         for variant in ("TVM", "spc"):
             switch(variant == "spc")
             out = tmp / f"{len(rows)}-{variant}"
-            compile_model(model, "x86", out, input_shapes={name: shape})
+            compile_model(model, "x86", out, input_shapes={name: shape},
+                          sparsity=0.8 if "block-sparse" in title else 0.0)
             bundle = load_bundle(out)
             outputs[variant] = next(iter(bundle.run(x).values()))
             timers[variant] = bundle.timer(x)
@@ -228,7 +247,7 @@ def main(argv=None) -> int:
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
-               "row_block": "one row", "channel_vectors": "pixel vectors"}.get(
+               "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "
