@@ -9,7 +9,7 @@ import numpy as np
 
 from .conv_layout import ConvGeom, _conv_head, _images_per_launch, pack_conv_weight
 from .conv_planes import _copy_planes, _Planes, _planes
-from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _spill, _Src
+from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _spill, _Src, _zero_accumulators
 
 CHANNEL_VECTORS = True  # False: the pixel-vector form for every dense convolution (A/B timing of the two)
 VECTORS = 2  # output-channel vectors per tile (a power of two: LLVM scalarises odd vector widths)
@@ -127,23 +127,14 @@ def _tile(a: _Src, ind: int, g: ConvGeom, planes: _Planes, tiles: _Tiles, positi
     """Accumulate one tile of ``positions`` pixels x ``tiles.vectors`` channel vectors, then store it."""
     w = tiles.vectors * lanes
     ow0 = f"{at.col} * {tiles.positions}"
-    acc = a.fresh("acc")
-    for r in range(positions):
-        a(ind, f'{acc}{r} = T.alloc_buffer(({w},), "float32")')
-    for r in range(positions):
-        a(ind, f"for v in T.vectorized({w}):")
-        a(ind + 1, f"{acc}{r}[v] = T.float32(0)")
+    acc = _zero_accumulators(a, ind, positions, w)
     a(ind, f"for ci in range({g.c_in}):")
     per_channel = planes.per_channel
-    for kh in range(g.kh):
-        for kw in range(g.kw):
-            plane, offset = planes.tap(g, kh, kw)
-            base = (f"{at.slot} * {g.c_in * per_channel} + ci * {per_channel} + {plane * planes.length + offset}"
-                    f" + {at.oh} * {planes.wq} + {ow0}")
-            k = f"ci * {g.kh * g.kw} + {kh * g.kw + kw}"
-            for r in range(positions):
-                a(ind + 1, f"for v in T.vectorized({w}):")
-                a(ind + 2, f"{acc}{r}[v] = {acc}{r}[v] + W[{at.ctile}, {k}, v] * XP[{base} + {r}]")
+    for k, offset in planes.taps(g):
+        base = f"{at.slot} * {g.c_in * per_channel} + ci * {per_channel} + {offset} + {at.oh} * {planes.wq} + {ow0}"
+        for r in range(positions):
+            a(ind + 1, f"for v in T.vectorized({w}):")
+            a(ind + 2, f"{acc}{r}[v] = {acc}{r}[v] + W[{at.ctile}, {k}, v] * XP[{base} + {r}]")
     last_tile = tiles.first + tiles.count == _ceil(g.c_out, width)
     guarded = last_tile and tiles.count > 1 and (tiles.first + tiles.count) * width > g.c_out
     stored = min(w, g.c_out - (tiles.first + tiles.count - 1) * width) if last_tile and not guarded else w

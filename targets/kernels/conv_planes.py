@@ -11,7 +11,9 @@ from .bsr import BSR, _bsr_accumulate
 from .conv_layout import (
     ConvGeom, _bsr_conv_chunk, _conv_head, _conv_tile, _images_per_launch, bsr_conv_tile, pack_conv_weight,
 )
-from .source import CpuKernelParams, Kernel, _ceil, _choose_mr, _copy_loop, _epilogue, _loop, _parse, _Src
+from .source import (
+    CpuKernelParams, Kernel, _ceil, _choose_mr, _copy_loop, _epilogue, _loop, _parse, _Src, _zero_accumulators,
+)
 
 SHIFTED_MAX_WORK = 1.15  # product positions of the shifted form (padding columns included) over im2col's, at most
 SHIFTED = True  # False: im2col for every convolution (A/B timing of the two forms)
@@ -36,6 +38,12 @@ class _Planes:
     def buffer_bytes(self, g: ConvGeom) -> int:
         """Bytes per image of the planes and of the product's output (with its extra columns)."""
         return 4 * (g.c_in * self.per_channel + g.c_out * self.pp)
+
+    def taps(self, g: ConvGeom) -> list[tuple[str, int]]:
+        """Per tap (kh, kw), in the weight's order: its reduction index for input channel ``ci`` and the offset
+        in that channel's planes that it reads for output position 0."""
+        return [(f"ci * {g.kh * g.kw} + {kh * g.kw + kw}", plane * self.length + offset)
+                for kh in range(g.kh) for kw in range(g.kw) for plane, offset in [self.tap(g, kh, kw)]]
 
     def tap(self, g: ConvGeom, kh: int, kw: int) -> tuple[int, int]:
         """(plane, offset in it) that tap (kh, kw) reads for output position 0."""
@@ -181,22 +189,13 @@ def _conv2d_shifted(name: str, g: ConvGeom, planes: _Planes, w_out_in: np.ndarra
                                        row_stride=1)
         chunks = [[(f"{acc}{r}_{c}", off, chunk) for c, off in enumerate(offsets)] for r in range(rows)]
     else:
-        acc = a.fresh("acc")
-        for i in range(rows):
-            a(3, f'{acc}{i} = T.alloc_buffer(({tile_w},), "float32")')
-        for i in range(rows):
-            a(3, f"for v in T.vectorized({tile_w}):")
-            a(4, f"{acc}{i}[v] = T.float32(0)")
+        acc = _zero_accumulators(a, 3, rows, tile_w)
         a(3, f"for ci in range({g.c_in}):")
-        for kh in range(g.kh):
-            for kw in range(g.kw):
-                plane, offset = planes.tap(g, kh, kw)
-                view = (f"XP[{image_planes} + ci * {per_channel} + {plane * planes.length + offset}"
-                        f" + {ptile} * {tile_w} + v]")
-                k = f"ci * {g.kh * g.kw} + {kh * g.kw + kw}"
-                for i in range(rows):
-                    a(4, f"for v in T.vectorized({tile_w}):")
-                    a(5, f"{acc}{i}[v] = {acc}{i}[v] + W[{row_tile}, {k}, {i}] * {view}")
+        for k, offset in planes.taps(g):
+            view = f"XP[{image_planes} + ci * {per_channel} + {offset} + {ptile} * {tile_w} + v]"
+            for i in range(rows):
+                a(4, f"for v in T.vectorized({tile_w}):")
+                a(5, f"{acc}{i}[v] = {acc}{i}[v] + W[{row_tile}, {k}, {i}] * {view}")
         chunks = [[(f"{acc}{r}", 0, tile_w)] for r in range(rows)]
     for r in range(rows):
         ind = 3

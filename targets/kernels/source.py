@@ -171,6 +171,17 @@ def _spill(a: _Src, ind: int, acc: str, width: int) -> str:
     return scratch
 
 
+def _zero_accumulators(a: _Src, ind: int, count: int, width: int) -> str:
+    """``count`` accumulator buffers of ``width`` lanes, zeroed; returns their name prefix (``{prefix}{i}``)."""
+    tag = a.fresh("acc")
+    for i in range(count):
+        a(ind, f'{tag}{i} = T.alloc_buffer(({width},), "float32")')
+    for i in range(count):
+        a(ind, f"for v in T.vectorized({width}):")
+        a(ind + 1, f"{tag}{i}[v] = T.float32(0)")
+    return tag
+
+
 def _tile_accumulate(
     a: _Src,
     ind: int,
@@ -187,12 +198,7 @@ def _tile_accumulate(
 
     Returns the accumulator name prefix: buffers are ``{prefix}{i}``.
     """
-    tag = a.fresh("acc")
-    for i in range(rows):
-        a(ind, f'{tag}{i} = T.alloc_buffer(({width},), "float32")')
-    for i in range(rows):
-        a(ind, f"for v in T.vectorized({width}):")
-        a(ind + 1, f"{tag}{i}[v] = T.float32(0)")
+    tag = _zero_accumulators(a, ind, rows, width)
 
     def body(ind2: int, k: str) -> None:
         for i in range(rows):
