@@ -240,8 +240,9 @@ def main(argv=None) -> int:
             for variant, fn in timers.items():
                 times[variant].append(per_call(fn, args.budget))
             ratios.append(times["TVM"][-1] / times["spc"][-1])
-        row = {"rule": args.rule, "model": title, "threads": args.threads, "tvm_ms": float(np.median(times["TVM"])) * 1e3,
-               "spc_ms": float(np.median(times["spc"])) * 1e3, "ort_ms": float(np.median(times["ORT"])) * 1e3,
+        row = {"rule": args.rule, "model": title, "threads": args.threads,
+               "tvm_ms": float(np.median(times["TVM"])) * 1e3, "spc_ms": float(np.median(times["spc"])) * 1e3,
+               "ort_ms": float(np.median(times["ORT"])) * 1e3,
                "speedup": float(np.median(ratios)),
                "q25": float(np.quantile(ratios, 0.25)), "q75": float(np.quantile(ratios, 0.75)),
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}

@@ -37,6 +37,7 @@ from .source import ACTIVATIONS, CpuKernelParams, Kernel
 
 __all__ = [
     "ACTIVATIONS", "BSR", "ConvGeom", "CpuKernelParams", "Kernel", "batch_matmul", "bsr_conv_tile", "bsr_matmul",
-    "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "expand_depthwise", "expand_group_size", "layer_norm", "max_pool2d",
+    "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "expand_depthwise",
+    "expand_group_size", "layer_norm", "max_pool2d",
     "pack_conv_weight", "pack_dense_weight", "plane_offsets", "scaled_indices", "softmax", "to_bsr",
 ]
