@@ -77,6 +77,10 @@ def main(argv=None) -> int:
             lambda: testing.resnet18(size=224, batch=1),
             {"input": [1, 3, 224, 224]},
         ),
+        "resnet50": (
+            "ResNet-50 (torchvision layout, random weights and BatchNorm statistics), 224x224, batch 1",
+            _resnet50, {"x": [1, 3, 224, 224]},
+        ),
         "mobilenet_v2": (
             "MobileNetV2 (torchvision layout, random weights), 224x224, batch 1",
             lambda: testing.mobilenet_v2(size=224, batch=1),
@@ -171,6 +175,18 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
+
+
+def _resnet50():
+    """bench_engine's ResNet-50 (tests/zoo's bottleneck ResNet in torchvision's layout), exported to ONNX."""
+    import onnx
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_engine import export_resnet50
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_resnet50(Path(tmp) / "resnet50.onnx")
+        return onnx.load(Path(tmp) / "resnet50.onnx")
 
 
 def efficientnet_lite0(testing):
