@@ -8,11 +8,12 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
     python bench/bench_targets.py                      # 1 thread (TVM and ORT); prints the markdown table
     python bench/bench_targets.py --threads 2          # all cores of this machine
     python bench/bench_targets.py --models ffn --rounds 30
+    python bench/bench_targets.py --models resnet18,resnet50 --sparsities 0.8
     python bench/bench_targets.py --models digits,digits_transformer --exec-modes compiled,bytecode   # VM modes
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
 heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1), ResNet-18, MobileNetV2 (depthwise convolutions, ReLU6), EfficientNet-Lite0
+channels, 56x56 input, batch 1), ResNet-18, ResNet-50 (`resnet50`, torch export), MobileNetV2 (depthwise convolutions, ReLU6), EfficientNet-Lite0
 (the same, with TF-style Pad ops; needs the bench extra), the trained digits CNN
 of models/ at batch 1 and 8 (`digits`, `digits8`) and the trained digits transformer at batch 1
 (`digits_transformer`).
