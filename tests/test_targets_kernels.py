@@ -253,6 +253,30 @@ def test_conv2d_random_geometries_match_torch():
     assert 6 <= sum(forms) <= 18
 
 
+def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch):
+    """Seeded random kernels, strides (up to 3), dilations, paddings and channel counts, the channel-vector form
+    forced wherever planes apply (the cost rule picks it on none of these small layers), against torch."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels.conv, "channel_vectors_pay", lambda g, planes, params: planes is not None)
+    rng = np.random.default_rng(11)
+    checked = 0
+    while checked < 12:
+        g = _random_geometry(rng)
+        if g.oh < 1 or g.ow < 1 or kernels.conv_planes._shifted_planes(g, PARAMS) is None:
+            continue
+        n = int(rng.integers(1, 4))
+        w = rng.standard_normal((g.c_out, g.k)).astype(np.float32)
+        kern = kernels.conv2d("conv_cr", g, w, None, None, PARAMS, n_static=n if checked % 2 else None)
+        assert "YP = " not in kern.source
+        x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
+        got = _run(_build(kern), kern, [x], (n, g.c_out, g.pixels))
+        tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+        ref = torch.nn.functional.conv2d(tx, torch.tensor(w.reshape(g.c_out, g.c_in, g.kh, g.kw)), stride=g.stride,
+                                         dilation=g.dilation).numpy()
+        np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4, err_msg=str(g))
+        checked += 1
+
+
 def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     """Convolutions on maps of 7x7 and up read padded planes (stride 2: four phase planes), a 7x7/2 stem too; an
     8x8 map (its extra columns would add 50% to the product), a 3x3 stem on 3 channels and a strided 1x1 (more to
