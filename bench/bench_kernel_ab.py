@@ -20,7 +20,7 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
   EfficientNet-Lite0 (batch 1 and 8);
 * ``channel_vectors``: dense convolutions on padded planes vectorised over output channels
   (kernels/conv_channels.py) against pixel vectors (kernels/conv_planes.py), on ResNet-18's convolution shapes
-  alone and in ResNet-18 and the 56x56 CNN (batch 1 and 8);
+  alone and in ResNet-18, the 56x56 CNN and the digits CNN of models/ (batch 1 and 8);
 * ``parallel_copy``: copies (im2col, planes, transposes) of 32K elements and more on the thread pool against 256K
   (kernels/source.py ``PARALLEL_MIN_COPY``), on 3x3 layers compiled 80% block-sparse and on the CNN, ResNet-18,
   MobileNetV2 and the encoder (dense); meant for ``--threads 2``.
@@ -165,6 +165,8 @@ def rule_switch(rule: str):
                                                                     [batch, 3, 224, 224])
         return (lambda on: setattr(depthwise, "ROW_BLOCK", original if on else {})), models
     if rule == "channel_vectors":
+        import onnx
+
         from spc.targets.kernels import conv_channels
 
         models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
@@ -175,6 +177,8 @@ def rule_switch(rule: str):
                                                            [batch, 3, 224, 224])
             models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
                                                    [batch, 3, 56, 56])
+            models[f"digits CNN (models/), batch {batch}"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
+                                                             [batch, 1, 8, 8])
         return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
     if rule == "parallel_copy":
         from spc.targets.kernels import source

@@ -198,8 +198,8 @@ def test_conv2d_channel_vectors(case, batch, monkeypatch):
 
 def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
     """ResNet's 3x3 convolutions on 28x28 to 7x7 maps (their planes' padding columns are 7-30% of the pixel
-    vectors' work) take output-channel vectors; a 3-channel 7x7/2 stem (147 products per output element, so the
-    stores weigh) keeps pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row, and
+    vectors' work) and 3x3 convolutions on 8x8 and 4x4 maps (im2col's copy) take output-channel vectors; 3-channel
+    stems and strided 1x1s keep pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row, and
     an odd last vector alone on up to 20."""
     def geom(c_in, hw, c_out, k=3, stride=1):
         return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
@@ -207,11 +207,13 @@ def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
 
     def form(g):
         src = kernels.conv2d("c", g, np.ones((g.c_out, g.k), np.float32), None, None, PARAMS, n_static=1).source
-        return "channels" if "XP = " in src and "YP = " not in src else "pixels"
+        return "channels" if "XP = " in src and "YP = " not in src else "pixels"  # pixel vectors: YP or XC
 
     assert [form(geom(c, hw, c)) for c, hw in [(128, 28), (256, 14), (512, 7)]] == ["channels"] * 3
     assert form(geom(128, 28, 256, stride=2)) == "channels"
-    assert form(geom(3, 224, 64, k=7, stride=2)) == "pixels"
+    assert form(geom(3, 224, 64, k=7, stride=2)) == form(geom(3, 56, 64)) == "pixels"  # stems (im2col: XC)
+    assert form(geom(32, 8, 32)) == form(geom(64, 4, 64)) == "channels"  # small maps: no im2col copy
+    assert form(geom(64, 56, 128, k=1, stride=2)) == "pixels"
     tiles = [kernels.conv_channels.channel_tiles(geom(64, hw, 64), PARAMS) for hw in (56, 28, 7, 11)]
     assert [[(t.count, t.vectors, t.positions, t.last) for t in kinds] for kinds in tiles] == [
         [(2, 2, 8, 8)], [(2, 2, 7, 7)], [(2, 2, 7, 7)], [(2, 2, 6, 5)]]
@@ -255,14 +257,14 @@ def test_conv2d_random_geometries_match_torch():
 
 def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch):
     """Seeded random kernels, strides (up to 3), dilations, paddings and channel counts, the channel-vector form
-    forced wherever planes apply (the cost rule picks it on none of these small layers), against torch."""
+    forced on every one but the direct 1x1s (the cost rule picks it on few of these small layers), against torch."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(kernels.conv, "channel_vectors_pay", lambda g, planes, params: planes is not None)
+    monkeypatch.setattr(kernels.conv, "channel_vectors_pay", lambda g, planes, params: not g.direct)
     rng = np.random.default_rng(11)
     checked = 0
-    while checked < 12:
+    while checked < 16:
         g = _random_geometry(rng)
-        if g.oh < 1 or g.ow < 1 or kernels.conv_planes._shifted_planes(g, PARAMS) is None:
+        if g.oh < 1 or g.ow < 1 or g.direct:
             continue
         n = int(rng.integers(1, 4))
         w = rng.standard_normal((g.c_out, g.k)).astype(np.float32)
@@ -295,7 +297,8 @@ def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     assert buffer(geom(64, 56, 128, stride=2)) == buffer(geom(3, 224, 64, k=7, stride=2)) == "XP"
     planes = kernels.conv_planes._shifted_planes
     assert planes(geom(64, 56, 128, stride=2), PARAMS).phases == ((0, 0), (0, 1), (1, 0), (1, 1))
-    assert buffer(geom(32, 8, 32)) == buffer(geom(3, 56, 64)) == buffer(geom(64, 56, 128, k=1, stride=2)) == "XC"
+    assert buffer(geom(3, 56, 64)) == buffer(geom(64, 56, 128, k=1, stride=2)) == "XC"
+    assert planes(geom(32, 8, 32), PARAMS) is None  # (dense, it takes output-channel vectors on its planes)
     assert buffer(geom(64, 28, 64), block=(4, 1)) == "XP"  # BSR reads the views through a table of offsets
     assert buffer(geom(64, 28, 64), block=(2, 2)) == "XC"  # ... one input channel per block only
     assert [planes(kernels.ConvGeom(**case), PARAMS) is not None for case in CONV_CASES[-9:]] == [True] * 9

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv_layout import ConvGeom, _conv_head, _images_per_launch, pack_conv_weight
+from .conv_layout import ConvGeom, _conv_head, _conv_tile, _images_per_launch, pack_conv_weight
 from .conv_planes import _copy_planes, _Planes, _planes
 from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _spill, _Src, _zero_accumulators
 
@@ -15,6 +15,7 @@ CHANNEL_VECTORS = True  # False: the pixel-vector form for every dense convoluti
 VECTORS = 2  # output-channel vectors per tile (a power of two: LLVM scalarises odd vector widths)
 ACCUMULATORS = 20  # vector registers of a tile's sums, at most (AVX-512: 28 of the 32 spilled, 0.4-0.7x)
 STORE_VECTOR_FMAS = 0.5  # the time of storing one output element, in vector FMAs (fitted: channel_vectors_pay)
+COPY_VECTOR_FMAS = 1  # the time of copying one im2col element, in vector FMAs (likewise)
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,26 @@ def _row_tiles(ow: int, vectors: int, params: CpuKernelParams) -> tuple[int, int
 
 
 def channel_vectors_pay(g: ConvGeom, planes: _Planes | None, params: CpuKernelParams) -> bool:
-    """Whether a dense convolution that reads shifted planes costs less this way. The pixel-vector form computes
-    the planes' padding columns and rounds up to whole tiles (``planes.pp`` positions); this one rounds output
+    """Whether a dense convolution costs less this way than in the form chosen for it. This form rounds output
     channels up to whole vectors and stores its sums one element at a time, charged STORE_VECTOR_FMAS vector FMAs
-    per output element. Fitted on lone layers (AVX-512, one thread, channel over pixel vectors): 3x3 on 28x28
-    with 144-1152 products per output 1.07-1.10x (10% padding), 64 channels on 56x56 1.02x (4%), but a 7x7/2 stem
-    on 3 channels 0.90x (3%: 147 products per output over four stride-phase planes)."""
-    if not CHANNEL_VECTORS or planes is None:
+    per output element. Against shifted planes (``planes``): those compute the planes' padding columns and round
+    up to whole tiles (``planes.pp`` positions). Against im2col (``planes`` None, small maps): that rounds pixels up
+    to whole tiles and copies K x pixels, charged COPY_VECTOR_FMAS vector FMAs per element; not for stems (fewer
+    input channels than a vector: their few products per output do not pay the stores) nor strided 1x1s (their
+    im2col is a plain strided copy). Fitted on lone layers (AVX-512, one thread, channel vectors over the other
+    form): 3x3 on 28x28 with 144-1152 products per output 1.07-1.10x (10% padding), 64 channels on 56x56 1.02x
+    (4%), 3x3 on 8x8 and 4x4 maps 1.02-1.29x (im2col); but a 7x7/2 stem on 3 channels 0.90x, a 3x3 one 0.76x, and
+    1x1/2 projections 0.80-1.21x."""
+    if not CHANNEL_VECTORS or g.direct:
         return False
-    mine = _ceil(g.c_out, params.lanes) * params.lanes * g.pixels * (g.k + STORE_VECTOR_FMAS * params.lanes)
-    return mine < g.c_out * planes.pp * g.k
+    lanes = params.lanes
+    mine = _ceil(g.c_out, lanes) * lanes * g.pixels * (g.k + STORE_VECTOR_FMAS * lanes)
+    if planes is not None:
+        return mine < g.c_out * planes.pp * g.k
+    if g.c_in < lanes or g.kh * g.kw == 1:
+        return False
+    tile = _conv_tile(g, params, None)
+    return mine < (g.c_out + COPY_VECTOR_FMAS * lanes) * _ceil(g.pixels, tile) * tile * g.k
 
 
 def channel_buffer_bytes(g: ConvGeom) -> int:
