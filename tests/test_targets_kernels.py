@@ -196,11 +196,11 @@ def test_conv2d_channel_vectors(case, batch, monkeypatch):
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_channel_vectors_where_padding_columns_cost_more_than_stores():
+def test_conv2d_channel_vectors_where_they_cost_less():
     """ResNet's 3x3 convolutions on 28x28 to 7x7 maps (their planes' padding columns are 7-30% of the pixel
     vectors' work) and 3x3 convolutions on 8x8 and 4x4 maps (im2col's copy) take output-channel vectors; 3-channel
-    stems and strided 1x1s keep pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the row, and
-    an odd last vector alone on up to 20."""
+    stems and strided 1x1s keep pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the
+    row, and an odd last vector alone on up to 20."""
     def geom(c_in, hw, c_out, k=3, stride=1):
         return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
                                 pad=(k // 2,) * 4, dilation=(1, 1))
