@@ -13,9 +13,9 @@ abs error of each spc bundle against ONNX Runtime run on the same (sparsified) m
 
 Models: BERT-base FFN up-projection (MatMul 128x768 @ 768x3072), a 2-layer BERT-base-width encoder (d=768, 12
 heads, FFN 3072, seq 128, batch 1; GELU, LayerNorm, softmax attention), a small ResNet-style CNN (64/128
-channels, 56x56 input, batch 1), ResNet-18, ResNet-50 (`resnet50`, torch export), MobileNetV2 (depthwise convolutions, ReLU6), EfficientNet-Lite0
-(the same, with TF-style Pad ops; needs the bench extra), the trained digits CNN
-of models/ at batch 1 and 8 (`digits`, `digits8`) and the trained digits transformer at batch 1
+channels, 56x56 input, batch 1), ResNet-18, ResNet-50 (`resnet50`, torch export), MobileNetV2 (depthwise
+convolutions, ReLU6), EfficientNet-Lite0 (the same, with TF-style Pad ops; needs the bench extra), the trained
+digits CNN of models/ at batch 1 and 8 (`digits`, `digits8`) and the trained digits transformer at batch 1
 (`digits_transformer`).
 """
 
