@@ -70,11 +70,18 @@ def conv2d_takes_flat_input(g: ConvGeom, params: CpuKernelParams, block: tuple[i
     return g.direct and g.pixels % _conv_tile(g, params, block) == 0
 
 
+def _form(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> tuple[object, bool]:
+    """(the pixel-vector form's shifted planes, or None for im2col; whether the dense channel-vector form runs
+    instead): one choice for both the kernel and its buffers."""
+    planes = _shifted_planes(g, params, block)
+    return planes, block is None and channel_vectors_pay(g, planes, params)
+
+
 def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
     """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
     pixel vectors, the output with its extra columns), the im2col matrix, or nothing (1x1 on whole tiles)."""
-    planes = _shifted_planes(g, params, block)
-    if block is None and channel_vectors_pay(g, planes, params):
+    planes, channel_vectors = _form(g, params, block)
+    if channel_vectors:
         return channel_buffer_bytes(g)
     if planes is not None:
         return planes.buffer_bytes(g)
@@ -100,12 +107,13 @@ def conv2d(
     pixel count fills whole tiles the input is flat too ([N, Ci, H*W]), otherwise it is [N, Ci, H, W]. The
     caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which. The right operand is shifted views
     of padded planes where they cost less than im2col (``_shifted_planes``), else an im2col matrix, or the input
-    itself. Images go in chunks (all of a static batch when their buffers are small): one parallel copy and one
-    parallel product per chunk.
+    itself; a dense layer reads the planes vectorised over output channels instead where that costs less
+    (conv_channels.py). Images go in chunks (all of a static batch when their buffers are small): one parallel
+    copy and one parallel product per chunk.
     """
     sparse = bsr is not None
-    planes = _shifted_planes(g, params, bsr.block if sparse else None)
-    if not sparse and channel_vectors_pay(g, planes, params):
+    planes, channel_vectors = _form(g, params, bsr.block if sparse else None)
+    if channel_vectors:
         return _conv2d_channel_vectors(name, g, w_out_in, bias, act, params, n_static)
     if planes is not None:
         return _conv2d_shifted(name, g, planes, w_out_in, bias, act, params, n_static, bsr)

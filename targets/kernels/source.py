@@ -64,7 +64,7 @@ def window_count(size: int, pad_begin: int, pad_end: int, kernel: int, dilation:
 # whose pruned layers had fallen under 4M onto one thread)
 PARALLEL_MIN_MACS = 1 << 20
 # likewise for a copy (im2col, planes, transposes), in elements: two threads, 80%-sparse 3x3 layers on 56x56 to
-# 14x14 maps ran 1.15-1.37x faster at 32K than at 256K, where their plane copies and output compaction (100-200K
+# 14x14 maps ran 1.46-1.74x faster at 32K than at 256K, where their plane copies and output compaction (100-200K
 # floats, as long as a sparse product) were serial (bench_kernel_ab.py --rule parallel_copy)
 PARALLEL_MIN_COPY = 1 << 15
 
