@@ -24,6 +24,9 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
 * ``parallel_copy``: copies (im2col, planes, transposes) of 32K elements and more on the thread pool against 256K
   (kernels/source.py ``PARALLEL_MIN_COPY``), on 3x3 layers compiled 80% block-sparse and on the CNN, ResNet-18,
   MobileNetV2 and the encoder (dense); meant for ``--threads 2``.
+* ``padding_taps``: the channel-vector convolutions' border rows and tiles leaving out the taps that read padding
+  (kernels/conv_channels.py ``SKIP_PADDING``) against computing them, on ResNet's 3x3 shapes alone and in
+  ResNet-18, ResNet-50, the 56x56 CNN and the digits CNN of models/ (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -90,7 +93,7 @@ def _efficientnet_lite0(testing):
 
 
 RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
-         "channel_vectors", "parallel_copy")
+         "channel_vectors", "parallel_copy", "padding_taps")
 
 # dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
 RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
@@ -180,6 +183,26 @@ def rule_switch(rule: str):
             models[f"digits CNN (models/), batch {batch}"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
                                                              [batch, 1, 8, 8])
         return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
+    if rule == "padding_taps":
+        import onnx
+
+        from spc.targets.kernels import conv_channels
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_targets import _resnet50
+
+        models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
+                                                               lone_conv(ci, co, n, k, s), [1, ci, n, n])
+                  for ci, co, n, k, s in RESNET_CONVS[1:]}
+        for batch in (1, 8):
+            models[f"digits CNN (models/), batch {batch}"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
+                                                             [batch, 1, 8, 8])
+            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
+                                                   [batch, 3, 56, 56])
+            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
+                                                           [batch, 3, 224, 224])
+        models["ResNet-50 224x224, batch 1"] = (_resnet50, [1, 3, 224, 224])
+        return (lambda on: setattr(conv_channels, "SKIP_PADDING", on)), models
     if rule == "parallel_copy":
         from spc.targets.kernels import source
 
@@ -252,7 +275,8 @@ def main(argv=None) -> int:
                "max_abs_diff": float(np.abs(outputs["TVM"] - outputs["spc"]).max())}
         rows.append(row)
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
-               "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K"}.get(
+               "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K",
+               "padding_taps": "all taps"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

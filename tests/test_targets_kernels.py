@@ -279,6 +279,52 @@ def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch):
         checked += 1
 
 
+def test_conv2d_channel_vectors_leave_out_taps_that_read_padding(monkeypatch):
+    """Border rows and border tiles compute only the taps inside the map: the products counted by the cost rule
+    are those of a brute-force count (the columns of small maps only), the unrolled source holds fewer FMAs,
+    and a layer whose border pixels read nothing but padding (1x1 with padding 2) gives the bias there, as torch
+    does."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        g = _random_geometry(rng)
+        if g.oh < 1 or g.ow < 1:
+            continue
+        ih = np.arange(g.oh)[:, None] * g.stride[0] - g.pad[0] + np.arange(g.kh)[None] * g.dilation[0]
+        iw = np.arange(g.ow)[:, None] * g.stride[1] - g.pad[1] + np.arange(g.kw)[None] * g.dilation[1]
+        rows = ((ih >= 0) & (ih < g.h)).sum() if kernels.conv_channels._rows_by_loop(g) else ih.size
+        cols = ((iw >= 0) & (iw < g.w)).sum()
+        cols = cols if cols <= (1 - kernels.conv_channels.SKIP_PADDING_MIN) * iw.size else iw.size
+        assert kernels.conv_channels.inside_products(g) == g.c_in * rows * cols, g
+
+    def fmas(g):
+        w = np.ones((g.c_out, g.k), np.float32)
+        return kernels.conv2d("c", g, w, None, None, PARAMS, n_static=1).source.count(" * XP[")
+
+    g = kernels.ConvGeom(c_in=32, h=8, w=8, c_out=32, kh=3, kw=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1))
+    skipped = fmas(g)
+    monkeypatch.setattr(kernels.conv_channels, "SKIP_PADDING", False)
+    every = fmas(g)
+    monkeypatch.setattr(kernels.conv_channels, "SKIP_PADDING", True)
+    # every tap: 9 taps x the row's one tile of 8 pixels, unrolled; inside taps: the kernel rows in a loop bounded
+    # to the map, each with 2 + 6 * 3 + 2 = 22 kernel columns of the 8 pixels inside it
+    assert (every, skipped) == (9 * 8, 22)
+    assert "for kh in range(T.max(1 - " in kernels.conv2d("c", g, np.ones((32, g.k), np.float32), None, None, PARAMS,
+                                                          n_static=1).source
+
+    monkeypatch.setattr(kernels.conv, "channel_vectors_pay", lambda g, planes, params: not g.direct)
+    g = kernels.ConvGeom(c_in=16, h=6, w=9, c_out=20, kh=1, kw=1, stride=(1, 1), pad=(2, 2, 1, 2), dilation=(1, 1))
+    w = rng.standard_normal((g.c_out, g.k)).astype(np.float32)
+    b = rng.standard_normal(g.c_out).astype(np.float32)
+    kern = kernels.conv2d("conv_pad", g, w, b, None, PARAMS, n_static=2)
+    assert "YP = " not in kern.source
+    x = rng.standard_normal((2, g.c_in, g.h, g.w)).astype(np.float32)
+    got = _run(_build(kern), kern, [x], (2, g.c_out, g.pixels))
+    tx = torch.nn.functional.pad(torch.tensor(x), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+    ref = torch.nn.functional.conv2d(tx, torch.tensor(w.reshape(g.c_out, g.c_in, 1, 1)), torch.tensor(b)).numpy()
+    np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     """Convolutions on maps of 7x7 and up read padded planes (stride 2: four phase planes), a 7x7/2 stem too; an
     8x8 map (its extra columns would add 50% to the product), a 3x3 stem on 3 channels and a strided 1x1 (more to

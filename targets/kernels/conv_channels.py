@@ -1,5 +1,5 @@
 """Convolutions on padded planes vectorised over output channels (``_conv2d_channel_vectors``): no product work
-on the planes' padding columns, which the pixel-vector form (conv_planes.py) computes and drops."""
+on the planes' padding, which the pixel-vector form (conv_planes.py) computes and drops."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from .conv_planes import _copy_planes, _Planes, _planes
 from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _spill, _Src, _zero_accumulators
 
 CHANNEL_VECTORS = True  # False: the pixel-vector form for every dense convolution (A/B timing of the two)
+SKIP_PADDING = True  # False: tiles compute the taps that read the planes' padding too (A/B timing)
+SKIP_PADDING_MIN = 0.02  # the share of an axis's taps that must read padding for its border rows / tiles to skip them
 VECTORS = 2  # output-channel vectors per tile (a power of two: LLVM scalarises odd vector widths)
 ACCUMULATORS = 20  # vector registers of a tile's sums, at most (AVX-512: 28 of the 32 spilled, 0.4-0.7x)
 STORE_VECTOR_FMAS = 0.5  # the time of storing one output element, in vector FMAs (fitted: channel_vectors_pay)
@@ -65,13 +67,71 @@ def channel_vectors_pay(g: ConvGeom, planes: _Planes | None, params: CpuKernelPa
     if not CHANNEL_VECTORS or g.direct:
         return False
     lanes = params.lanes
-    mine = _ceil(g.c_out, lanes) * lanes * g.pixels * (g.k + STORE_VECTOR_FMAS * lanes)
+    mine = _ceil(g.c_out, lanes) * lanes * (inside_products(g) + g.pixels * STORE_VECTOR_FMAS * lanes)
     if planes is not None:
         return mine < g.c_out * planes.pp * g.k
     if g.c_in < lanes or g.kh * g.kw == 1:
         return False
     tile = _conv_tile(g, params, None)
     return mine < (g.c_out + COPY_VECTOR_FMAS * lanes) * _ceil(g.pixels, tile) * tile * g.k
+
+
+def inside_products(g: ConvGeom) -> int:
+    """Products per output channel that the form computes: it skips the taps that read padding (a 3x3 conv with
+    padding 1 on an 8x8 map: 16% of its products, 4x4 31%, 7x7 18%, 14x14 9%) along the rows
+    (``_rows_by_loop``) and along the columns where that leaves out at least SKIP_PADDING_MIN of them."""
+    rows = sum(len(_inside(oh, g.stride[0], g.pad[0], g.dilation[0], g.kh, g.h)) for oh in range(g.oh)) \
+        if _rows_by_loop(g) else g.oh * g.kh
+    cols_in = _cols_inside(g)
+    return g.c_in * rows * sum(len(cols_in(ow)) for ow in range(g.ow))
+
+
+def _rows_by_loop(g: ConvGeom) -> bool:
+    """Whether tiles run the kernel's rows in a loop bounded to those inside the map: where some row reads padding
+    and kernel row kh reads a fixed offset in phase plane (kh * dh) % sh (the phases' row ranks are the phases)."""
+    (sh, dh) = g.stride[0], g.dilation[0]
+    row_phases = {kh * dh % sh for kh in range(g.kh)}
+    return SKIP_PADDING and g.pad[0] + g.pad[2] > 0 and row_phases == set(range(len(row_phases)))
+
+
+def _cols_inside(g: ConvGeom):
+    """Output column -> the kernel columns its tiles compute: those inside the map, or all of them where that
+    would leave out less than SKIP_PADDING_MIN of the taps (each kind of border tile is another copy of the
+    tile's unrolled code, and TVMScript's parser takes about a millisecond per statement: ResNet-18's 56x56 layers
+    gained 2% for a fifth more compile time)."""
+    inside = [_inside(ow, g.stride[1], g.pad[1], g.dilation[1], g.kw, g.w) for ow in range(g.ow)]
+    if not SKIP_PADDING or sum(map(len, inside)) > (1 - SKIP_PADDING_MIN) * g.ow * g.kw:
+        return lambda ow: frozenset(range(g.kw))
+    return inside.__getitem__
+
+
+def _inside(out: int, stride: int, pad: int, dilation: int, taps: int, size: int) -> frozenset[int]:
+    """The taps of output index ``out`` along one axis that read inside the input (not its padding)."""
+    return frozenset(k for k in range(taps) if 0 <= out * stride - pad + k * dilation < size)
+
+
+def _runs(count: int, key) -> list[tuple[int, object]]:
+    """(end, key) of the maximal runs of consecutive indices in [0, count) with equal ``key(index)``."""
+    runs: list[tuple[int, object]] = []
+    for i in range(count):
+        k = key(i)
+        if runs and runs[-1][1] == k:
+            runs[-1] = (i + 1, k)
+        else:
+            runs.append((i + 1, k))
+    return runs
+
+
+def _branch(a: _Src, ind: int, var: str, runs: list[tuple[int, object]], body) -> None:
+    """``body(ind, key)`` for each run of ``var`` (``_runs``), chosen by nested ifs on the runs' ends."""
+    for i, (end, key) in enumerate(runs):
+        if i < len(runs) - 1:
+            a(ind, f"if {var} < {end}:")
+            body(ind + 1, key)
+            a(ind, "else:")
+            ind += 1
+        else:
+            body(ind, key)
 
 
 def channel_buffer_bytes(g: ConvGeom) -> int:
@@ -104,17 +164,18 @@ def _conv2d_channel_vectors(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: 
         per_image = tiles.count * rows
         channels = min(g.c_out, (tiles.first + tiles.count) * width) - tiles.first * width
         a(2, f"for t in {_loop(images * g.pixels * channels * g.k)}({images * per_image}):")
-        at = _At(slot=f"(t // {per_image})" if images > 1 else "0",
-                 img=f"(nc * {images} + t // {per_image})" if images > 1 else "nc",
-                 ctile=f"({tiles.first} + t % {per_image} // {rows})" if tiles.count > 1 else str(tiles.first),
-                 oh=f"(t % {rows} // {tiles.per_row})", col=f"(t % {tiles.per_row})")
-        if tiles.last == tiles.positions:
-            _tile(a, 3, g, planes, tiles, tiles.positions, at, width, bias is not None, act, lanes)
-        else:
-            a(3, f"if {at.col} < {tiles.per_row - 1}:")
-            _tile(a, 4, g, planes, tiles, tiles.positions, at, width, bias is not None, act, lanes)
-            a(3, "else:")
-            _tile(a, 4, g, planes, tiles, tiles.last, at, width, bias is not None, act, lanes)
+        slot = f"t // {per_image} * {g.c_in * per_channel} + " if images > 1 else ""
+        oh, col = f"(t % {rows} // {tiles.per_row})", f"(t % {tiles.per_row})"
+        at = _At(img=f"(nc * {images} + t // {per_image})" if images > 1 else "nc",
+                 ct=f"({tiles.first} + t % {per_image} // {rows})" if tiles.count > 1 else str(tiles.first),
+                 oh=oh, col=col, px=f"{slot}{oh} * {planes.wq} + {col} * {tiles.positions}")
+        # one body per run of tiles that compute the same kernel columns (border tiles skip those that read
+        # padding: unrolled per pixel, so their FMAs are simply left out)
+        cols_in = _cols_inside(g)
+        col_runs = _runs(tiles.per_row, lambda c: tuple(
+            cols_in(c * tiles.positions + r) for r in range(tiles.last if c == tiles.per_row - 1 else tiles.positions)))
+        _branch(a, 3, at.col, col_runs, lambda ind, cols: _tile(
+            a, ind, g, planes, tiles, cols, at, width, bias is not None, act, lanes))
     src = a.text()
     consts = [pack_conv_weight(w_out_in, width)]
     if bias is not None:
@@ -126,36 +187,67 @@ def _conv2d_channel_vectors(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: 
 class _At:
     """Index expressions of the tile a loop iteration computes."""
 
-    slot: str  # image within the launch's planes
     img: str  # image of the batch
-    ctile: str  # channel tile (of the packed weight's width)
+    ct: str  # channel tile (of the packed weight's width)
     oh: str  # output row
     col: str  # tile within the row
+    px: str  # the tile's first pixel in its image's planes of input channel 0, tap (0, 0)
 
 
-def _tile(a: _Src, ind: int, g: ConvGeom, planes: _Planes, tiles: _Tiles, positions: int, at: _At, width: int,
-          bias: bool, act: str | None, lanes: int) -> None:
-    """Accumulate one tile of ``positions`` pixels x ``tiles.vectors`` channel vectors, then store it."""
+def _tile(a: _Src, ind: int, g: ConvGeom, planes: _Planes, tiles: _Tiles, cols_in: tuple[frozenset[int], ...],
+          at: _At, width: int, bias: bool, act: str | None, lanes: int) -> None:
+    """Accumulate one tile of ``len(cols_in)`` pixels x ``tiles.vectors`` channel vectors, then store it. Pixel r
+    computes kernel columns ``cols_in[r]``; the kernel rows run in a loop bounded to the map's inside
+    (``_rows_by_loop``), else unrolled with the columns."""
     w = tiles.vectors * lanes
-    ow0 = f"{at.col} * {tiles.positions}"
+    positions = len(cols_in)
     acc = _zero_accumulators(a, ind, positions, w)
+    taps = g.kh * g.kw
+    xp = f"{at.px} + ci * {planes.per_channel}"
+    by_loop = _rows_by_loop(g)
+    rows = ["kh"] if by_loop else range(g.kh)
+    products = [(kh, kw, r) for kh in rows for kw in range(g.kw) for r in range(positions) if kw in cols_in[r]]
+    if not products:  # every tap of the tile reads padding (a kernel wider than the padded map's inside)
+        return _store(a, ind, g, tiles, at, acc, positions, width, bias, act, lanes)
     a(ind, f"for ci in range({g.c_in}):")
-    per_channel = planes.per_channel
-    for k, offset in planes.taps(g):
-        base = f"{at.slot} * {g.c_in * per_channel} + ci * {per_channel} + {offset} + {at.oh} * {planes.wq} + {ow0}"
-        for r in range(positions):
-            a(ind + 1, f"for v in T.vectorized({w}):")
-            a(ind + 2, f"{acc}{r}[v] = {acc}{r}[v] + W[{at.ctile}, {k}, v] * XP[{base} + {r}]")
+    if by_loop:
+        (pt, pb), sh, dh = (g.pad[0], g.pad[2]), g.stride[0], g.dilation[0]
+
+        def first_row_at_or_after(row: int) -> str:  # the least kh with oh * sh - pt + kh * dh >= row
+            start = f"{at.oh} * {sh}" if sh > 1 else at.oh
+            return f"{row + pt} - {start}" if dh == 1 else f"({row + pt + dh - 1} - {start}) // {dh}"
+
+        lo = f"T.max({first_row_at_or_after(0)}, 0)" if pt else "0"
+        hi = f"T.min({first_row_at_or_after(g.h)}, {g.kh})" if pb else str(g.kh)
+        a(ind + 1, f"for kh in range({lo}, {hi}):")
+        if sh == 1:
+            xp = f"{xp} + kh * {dh * planes.wq}"
+        else:  # the phase planes are ordered by (row phase, column phase)
+            column_phases = len(planes.phases) // len({phase for phase, _ in planes.phases})
+            xp = f"{xp} + kh * {dh} % {sh} * {column_phases * planes.length} + kh * {dh} // {sh} * {planes.wq}"
+    for kh, kw, r in products:
+        plane, offset = planes.tap(g, 0 if by_loop else kh, kw)
+        k = f"kh * {g.kw} + {kw}" if by_loop else kh * g.kw + kw
+        a(ind + 1 + by_loop, f"for v in T.vectorized({w}):")
+        a(ind + 2 + by_loop, f"{acc}{r}[v] = {acc}{r}[v] + W[{at.ct}, ci * {taps} + {k}, v] * "
+                             f"XP[{xp} + {plane * planes.length + offset + r}]")
+    _store(a, ind, g, tiles, at, acc, positions, width, bias, act, lanes)
+
+
+def _store(a: _Src, ind: int, g: ConvGeom, tiles: _Tiles, at: _At, acc: str, positions: int, width: int,
+           bias: bool, act: str | None, lanes: int) -> None:
+    """A tile's sums to Y, pixel by pixel, one element per channel, after the bias and activation."""
+    w = tiles.vectors * lanes
     last_tile = tiles.first + tiles.count == _ceil(g.c_out, width)
     guarded = last_tile and tiles.count > 1 and (tiles.first + tiles.count) * width > g.c_out
     stored = min(w, g.c_out - (tiles.first + tiles.count - 1) * width) if last_tile and not guarded else w
     for r in range(positions):
         scratch = _spill(a, ind, f"{acc}{r}", w)
-        co = f"{at.ctile} * {width} + j"
+        co = f"{at.ct} * {width} + j"
         a(ind, f"for j in range({stored}):")
         ind2 = ind + 1
         if guarded:  # the last of several tiles: lanes past the last channel
             a(ind2, f"if {co} < {g.c_out}:")
             ind2 += 1
         val = _epilogue(f"{scratch}[j]", f"B[{co}]" if bias else None, act)
-        a(ind2, f"Y[{at.img}, {co}, {at.oh} * {g.ow} + {ow0} + {r}] = {val}")
+        a(ind2, f"Y[{at.img}, {co}, {at.oh} * {g.ow} + {at.col} * {tiles.positions} + {r}] = {val}")
