@@ -27,6 +27,9 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
 * ``padding_taps``: the channel-vector convolutions' border rows and tiles leaving out the taps that read padding
   (kernels/conv_channels.py ``SKIP_PADDING``) against computing them, on ResNet's 3x3 shapes alone and in
   ResNet-18, ResNet-50, the 56x56 CNN and the digits CNN of models/ (batch 1 and 8).
+* ``glue_vectors``: element-wise glue (residual adds, ...) vectorised over its innermost loops fused into whole
+  vectors (glue_schedule.py ``VECTORISE_FUSED``) against only where the innermost loop is whole vectors, on
+  ResNet-18, ResNet-50, the 56x56 CNN, MobileNetV2, the encoder and the digits CNN.
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -93,7 +96,7 @@ def _efficientnet_lite0(testing):
 
 
 RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
-         "channel_vectors", "parallel_copy", "padding_taps")
+         "channel_vectors", "parallel_copy", "padding_taps", "glue_vectors")
 
 # dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
 RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
@@ -203,6 +206,28 @@ def rule_switch(rule: str):
                                                            [batch, 3, 224, 224])
         models["ResNet-50 224x224, batch 1"] = (_resnet50, [1, 3, 224, 224])
         return (lambda on: setattr(conv_channels, "SKIP_PADDING", on)), models
+    if rule == "glue_vectors":
+        import onnx
+
+        from spc.targets import glue_schedule
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_targets import _resnet50
+
+        models = {}
+        for batch in (1, 8):
+            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
+                                                           [batch, 3, 224, 224])
+            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
+                                                   [batch, 3, 56, 56])
+            models[f"MobileNetV2 224x224, batch {batch}"] = (lambda b=batch: testing.mobilenet_v2(size=224, batch=b),
+                                                             [batch, 3, 224, 224])
+        models["ResNet-50 224x224, batch 1"] = (_resnet50, [1, 3, 224, 224])
+        models["digits CNN (models/), batch 8"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
+                                                   [8, 1, 8, 8])
+        models["encoder d=384, batch 1"] = (lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128,
+                                                                    batch=1), [1, 128, 384])
+        return (lambda on: setattr(glue_schedule, "VECTORISE_FUSED", on)), models
     if rule == "parallel_copy":
         from spc.targets.kernels import source
 
@@ -276,7 +301,7 @@ def main(argv=None) -> int:
         rows.append(row)
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
                "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K",
-               "padding_taps": "all taps"}.get(
+               "padding_taps": "all taps", "glue_vectors": "whole rows"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

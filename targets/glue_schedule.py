@@ -9,6 +9,8 @@ from tvm import relax, tirx
 
 from .registry import TargetSpec
 
+VECTORISE_FUSED = True  # False: vectorise an element-wise loop nest only where its innermost extent is whole vectors
+
 def _glue_rules(lanes: int):
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
@@ -55,15 +57,32 @@ def _glue_rules(lanes: int):
             spatial = list(loops[:n_spatial])
             extents = [_static_extent(sch, lp) for lp in spatial]
             total = None if any(e is None for e in extents) else int(np.prod(extents))
-            if info.is_injective() and extents[-1] is not None and extents[-1] % lanes == 0 and len(spatial) >= 1:
-                outer, inner = sch.split(spatial[-1], factors=[None, lanes])
+            inner_loops = _vector_suffix(extents, lanes) if info.is_injective() else 0
+            if inner_loops:
+                tail = spatial[-inner_loops:]
+                outer, inner = sch.split(sch.fuse(*tail) if len(tail) > 1 else tail[0], factors=[None, lanes])
                 sch.vectorize(inner)
-                spatial[-1] = outer
+                spatial = spatial[:-inner_loops] + [outer]
             if total is not None and total * max(1, _reduce_extent(sch, loops[n_spatial:])) < 16384:
                 return True  # too small to pay for a parallel launch
             fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
             sch.parallel(fused)
             return True
+
+    def _vector_suffix(extents: list, lanes: int) -> int:
+        """How many innermost loops to fuse into one whose extent is whole vectors (0: none): a residual add on a
+        56x56 map has rows of 56 floats, not whole 16-lane vectors, but its 56 x 56 = 3136 pixels are (it ran
+        as a scalar loop; 7x7 maps need the channels too)."""
+        if not VECTORISE_FUSED:
+            return int(extents[-1] is not None and extents[-1] % lanes == 0)
+        product = 1
+        for count, extent in enumerate(reversed(extents), 1):
+            if extent is None:
+                return 0
+            product *= extent
+            if product % lanes == 0:
+                return count
+        return 0
 
     def _static_extent(sch, loop):
         ext = sch.get(loop).extent
