@@ -110,6 +110,34 @@ def lone_conv(c_in: int, c_out: int, size: int, kernel: int, stride: int):
     return spec.model(c_in, c_out)
 
 
+def whole_models(*wanted: tuple[str, int]) -> dict:
+    """{title: (build, input shape)} of whole models by short name and batch, titled as in earlier results."""
+    import onnx
+
+    from spc.targets import testing
+
+    def resnet50(_batch):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_targets import _resnet50
+
+        return _resnet50()
+
+    table = {
+        "resnet18": ("ResNet-18 224x224", lambda b: testing.resnet18(size=224, batch=b), [3, 224, 224]),
+        "resnet50": ("ResNet-50 224x224", resnet50, [3, 224, 224]),
+        "cnn": ("CNN 56x56", lambda b: testing.cnn(channels=64, size=56, batch=b), [3, 56, 56]),
+        "digits": ("digits CNN (models/)", lambda b: onnx.load(ROOT / "models" / "digits_cnn.onnx"), [1, 8, 8]),
+        "mobilenet_v2": ("MobileNetV2 224x224", lambda b: testing.mobilenet_v2(size=224, batch=b), [3, 224, 224]),
+        "encoder": ("encoder d=384", lambda b: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128,
+                                                               batch=b), [128, 384]),
+    }
+    models = {}
+    for name, batch in wanted:
+        title, build, shape = table[name]
+        models[f"{title}, batch {batch}"] = (lambda build=build, batch=batch: build(batch), [batch, *shape])
+    return models
+
+
 def rule_switch(rule: str):
     """(turn the rule on or off, models {title: (build, input shape)})."""
     from spc.targets import fusion, lower, testing
@@ -171,62 +199,27 @@ def rule_switch(rule: str):
                                                                     [batch, 3, 224, 224])
         return (lambda on: setattr(depthwise, "ROW_BLOCK", original if on else {})), models
     if rule == "channel_vectors":
-        import onnx
-
         from spc.targets.kernels import conv_channels
 
         models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
                                                                lone_conv(ci, co, n, k, s), [1, ci, n, n])
                   for ci, co, n, k, s in RESNET_CONVS}
-        for batch in (1, 8):
-            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
-                                                           [batch, 3, 224, 224])
-            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
-                                                   [batch, 3, 56, 56])
-            models[f"digits CNN (models/), batch {batch}"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
-                                                             [batch, 1, 8, 8])
+        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("resnet18", "cnn", "digits"))))
         return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
     if rule == "padding_taps":
-        import onnx
-
         from spc.targets.kernels import conv_channels
-
-        sys.path.insert(0, str(ROOT / "bench"))
-        from bench_targets import _resnet50
 
         models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
                                                                lone_conv(ci, co, n, k, s), [1, ci, n, n])
                   for ci, co, n, k, s in RESNET_CONVS[1:]}
-        for batch in (1, 8):
-            models[f"digits CNN (models/), batch {batch}"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
-                                                             [batch, 1, 8, 8])
-            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
-                                                   [batch, 3, 56, 56])
-            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
-                                                           [batch, 3, 224, 224])
-        models["ResNet-50 224x224, batch 1"] = (_resnet50, [1, 3, 224, 224])
+        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
+                                   ("resnet50", 1)))
         return (lambda on: setattr(conv_channels, "SKIP_PADDING", on)), models
     if rule == "glue_vectors":
-        import onnx
-
         from spc.targets import glue_schedule
 
-        sys.path.insert(0, str(ROOT / "bench"))
-        from bench_targets import _resnet50
-
-        models = {}
-        for batch in (1, 8):
-            models[f"ResNet-18 224x224, batch {batch}"] = (lambda b=batch: testing.resnet18(size=224, batch=b),
-                                                           [batch, 3, 224, 224])
-            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
-                                                   [batch, 3, 56, 56])
-            models[f"MobileNetV2 224x224, batch {batch}"] = (lambda b=batch: testing.mobilenet_v2(size=224, batch=b),
-                                                             [batch, 3, 224, 224])
-        models["ResNet-50 224x224, batch 1"] = (_resnet50, [1, 3, 224, 224])
-        models["digits CNN (models/), batch 8"] = (lambda: onnx.load(ROOT / "models" / "digits_cnn.onnx"),
-                                                   [8, 1, 8, 8])
-        models["encoder d=384, batch 1"] = (lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128,
-                                                                    batch=1), [1, 128, 384])
+        models = whole_models(*((name, b) for b in (1, 8) for name in ("resnet18", "cnn", "mobilenet_v2")),
+                              ("resnet50", 1), ("digits", 8), ("encoder", 1))
         return (lambda on: setattr(glue_schedule, "VECTORISE_FUSED", on)), models
     if rule == "parallel_copy":
         from spc.targets.kernels import source
