@@ -11,6 +11,7 @@ from .registry import TargetSpec
 
 VECTORISE_FUSED = True  # False: vectorise an element-wise loop nest only where its innermost extent is whole vectors
 
+
 def _glue_rules(lanes: int):
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
