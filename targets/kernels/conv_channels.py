@@ -13,7 +13,6 @@ from .source import CpuKernelParams, Kernel, _ceil, _epilogue, _loop, _parse, _s
 
 CHANNEL_VECTORS = True  # False: the pixel-vector form for every dense convolution (A/B timing of the two)
 SKIP_PADDING = True  # False: tiles compute the taps that read the planes' padding too (A/B timing)
-SKIP_PADDING_MIN = 0.02  # the share of the column taps that must read padding for a row's border tiles to skip them
 VECTORS = 2  # output-channel vectors per tile (a power of two: LLVM scalarises odd vector widths)
 ACCUMULATORS = 20  # vector registers of a tile's sums, at most (AVX-512: 28 of the 32 spilled, 0.4-0.7x)
 STORE_VECTOR_FMAS = 0.5  # the time of storing one output element, in vector FMAs (fitted: channel_vectors_pay)
@@ -78,8 +77,8 @@ def channel_vectors_pay(g: ConvGeom, planes: _Planes | None, params: CpuKernelPa
 
 def inside_products(g: ConvGeom) -> int:
     """Products per output channel that the form computes: it skips the taps that read padding (a 3x3 conv with
-    padding 1 on an 8x8 map: 16% of its products, 4x4 31%, 7x7 18%, 14x14 9%) along the rows
-    (``_rows_by_loop``) and along the columns where that leaves out at least SKIP_PADDING_MIN of them."""
+    padding 1 on an 8x8 map: 16% of its products, 4x4 31%, 7x7 18%, 14x14 9%, 56x56 2.4%) along the rows
+    (``_rows_by_loop``) and the columns."""
     rows = sum(len(_inside(oh, g.stride[0], g.pad[0], g.dilation[0], g.kh, g.h)) for oh in range(g.oh)) \
         if _rows_by_loop(g) else g.oh * g.kh
     cols_in = _cols_inside(g)
@@ -95,15 +94,13 @@ def _rows_by_loop(g: ConvGeom) -> bool:
 
 
 def _cols_inside(g: ConvGeom):
-    """Output column -> the kernel columns its tiles compute: those inside the map, or all of them where that
-    would leave out less than SKIP_PADDING_MIN of the taps (a 3x3 conv on a 56x56 map: 1.2%). Each kind of border
-    tile is another copy of the tile's unrolled code, and TVMScript's parser takes about a millisecond per
-    expression (with the kernel rows unrolled too, one body per kind of row and tile made ResNet-18 compile in
-    29 s instead of 10)."""
-    inside = [_inside(ow, g.stride[1], g.pad[1], g.dilation[1], g.kw, g.w) for ow in range(g.ow)]
-    if not SKIP_PADDING or sum(map(len, inside)) > (1 - SKIP_PADDING_MIN) * g.ow * g.kw:
+    """Output column -> the kernel columns its tiles compute: those inside the map. Each kind of border tile is
+    another copy of the tile's unrolled code (one kernel row of it: the rows are a loop), which costs little
+    compile time (TVMScript's parser takes about a millisecond per expression; with the kernel rows unrolled too,
+    one body per kind of row and tile made ResNet-18 compile in 29 s instead of 10)."""
+    if not SKIP_PADDING:
         return lambda ow: frozenset(range(g.kw))
-    return inside.__getitem__
+    return lambda ow: _inside(ow, g.stride[1], g.pad[1], g.dilation[1], g.kw, g.w)
 
 
 def _inside(out: int, stride: int, pad: int, dilation: int, taps: int, size: int) -> frozenset[int]:
