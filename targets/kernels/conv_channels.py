@@ -203,7 +203,7 @@ def _tile(a: _Src, ind: int, g: ConvGeom, planes: _Planes, tiles: _Tiles, cols_i
     taps = g.kh * g.kw
     xp = f"{at.px} + ci * {planes.per_channel}"
     by_loop = _rows_by_loop(g)
-    rows = ["kh"] if by_loop else range(g.kh)
+    rows = ["kh"] if by_loop else range(g.kh)  # with the loop, one kernel row of FMAs in terms of its variable
     products = [(kh, kw, r) for kh in rows for kw in range(g.kw) for r in range(positions) if kw in cols_in[r]]
     if not products:  # every tap of the tile reads padding (a kernel wider than the padded map's inside)
         return _store(a, ind, g, tiles, at, acc, positions, width, bias, act, lanes)
