@@ -151,7 +151,7 @@ def rule_switch(rule: str):
             "ResNet-18 224x224, batch 1": (lambda: testing.resnet18(size=224, batch=1), [1, 3, 224, 224]),
         }
         return (lambda on: setattr(lower.Lowering, "lower_max_pool", original if on else off)), models
-    mobilenet = {"MobileNetV2 224x224, batch 1": (lambda: testing.mobilenet_v2(size=224, batch=1), [1, 3, 224, 224])}
+    mobilenet = whole_models(("mobilenet_v2", 1))
     if rule == "depthwise":
         original = lower.DEPTHWISE_MAX_ELEMENTS
         models = {f"depthwise 3x3/{s}, {c}x{n}x{n}": (lambda c=c, n=n, s=s: lone_depthwise(c, n, s), [1, c, n, n])
@@ -228,13 +228,7 @@ def rule_switch(rule: str):
         models = {f"conv 3x3 {c} -> {c}, {n}x{n}, 80% block-sparse": (lambda c=c, n=n: lone_conv(c, c, n, 3, 1),
                                                                       [1, c, n, n])
                   for c, n in [(64, 56), (128, 28), (256, 14)]}
-        for batch in (1, 8):
-            models[f"CNN 56x56, batch {batch}"] = (lambda b=batch: testing.cnn(channels=64, size=56, batch=b),
-                                                   [batch, 3, 56, 56])
-        models["ResNet-18 224x224, batch 1"] = (lambda: testing.resnet18(size=224, batch=1), [1, 3, 224, 224])
-        models.update(mobilenet)
-        models["encoder d=384, batch 1"] = (lambda: testing.encoder(d_model=384, heads=6, ffn=1536, layers=2, seq=128,
-                                                                    batch=1), [1, 128, 384])
+        models.update(whole_models(("cnn", 1), ("cnn", 8), ("resnet18", 1), ("mobilenet_v2", 1), ("encoder", 1)))
         return (lambda on: setattr(source, "PARALLEL_MIN_COPY", original if on else 1 << 18)), models
     if rule == "clip":
         original = fusion._Plan._clip
