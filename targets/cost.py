@@ -57,10 +57,13 @@ def estimate(
     params: CpuKernelParams,
     efficiency: float,
     conv: bool = False,
+    dense_speedup: float = 1.0,
 ) -> Estimate:
+    """``dense_speedup``: the dense kernel's predicted speed over plain multiply-accumulates (a 3x3 convolution by
+    Winograd's F(2x2, 3x3): fewer multiplies than MACs)."""
     m = max(int(m), 1)
     macs = float(m) * k * n
-    dense = macs / _util_rows(m, params.mr)
+    dense = macs / _util_rows(m, params.mr) / dense_speedup
     from .kernels.bsr import _token_tile
 
     vt = _token_tile(params, block[0], m)

@@ -10,9 +10,10 @@ import numpy as np
 import tvm
 import tvm.sym
 
-from . import cost
+from . import cost, kernels
 from .registry import TargetSpec
-from .relax_util import OP_CONV2D, _const_array, _cost_dim, _dtype, _expr_str, _is_weight_call, _prod, _shape, _static
+from .relax_util import (OP_CONV2D, _const_array, _cost_dim, _dtype, _expr_str, _is_weight_call, _prod, _shape, _static,
+                         conv_geometry)
 
 @dataclass
 class LayerRecord:
@@ -125,7 +126,7 @@ def sparsity_plan(
     """ONNX weight name -> (predicted BSR speed-up at ``density``, reason it does not pay or ""): which layers are
     worth sparsifying (a layer that would run dense anyway keeps its weights)."""
     plan: dict[str, tuple[float, str]] = {}
-    for _call, view, conv, _rows, cost_rows, why in _weight_layers(mod):
+    for call, view, conv, _rows, cost_rows, why in _weight_layers(mod):
         hit = weight_index.get(weight_key(view))
         if hit is None:
             continue
@@ -133,7 +134,10 @@ def sparsity_plan(
         if why:
             plan[hit[2]] = (1.0, f"no spc kernel: {why}")
             continue
-        est = cost.estimate(cost_rows, inp, out, density, block, spec.cpu_kernels, spec.bsr_efficiency, conv)
+        geom = conv_geometry(call) if conv and spec.cpu_kernels is not None else None
+        dense_speedup = kernels.winograd_speedup(geom, spec.cpu_kernels) if geom is not None else 1.0
+        est = cost.estimate(cost_rows, inp, out, density, block, spec.cpu_kernels, spec.bsr_efficiency, conv,
+                            dense_speedup)
         speedup = round(est.speedup, 2)
         plan[hit[2]] = (speedup, "" if speedup >= cost.MIN_SPEEDUP else f"BSR predicted x{speedup} at {cost_rows} rows")
     return plan

@@ -21,7 +21,7 @@ from .kernels.source import source_key
 from .layer_records import LayerRecord, weight_key
 from .registry import TargetSpec
 from .relax_util import (OP_LAYER_NORM, OP_MATMUL, OP_MAX_POOL, OP_SOFTMAX, OPAQUE, _const_array, _cost_dim, _dtype,
-                         _expr_str, _is_weight_call, _prod, _shape, _static)
+                         _expr_str, _is_weight_call, _padding, _prod, _shape, _static, conv_geometry)
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
@@ -78,12 +78,6 @@ def _small_map_1x1(g: kernels.ConvGeom) -> bool:
     if not g.direct:
         return False
     return g.pixels <= 64 or g.c_in >= 2 * g.c_out
-
-
-def _padding(attrs) -> tuple[int, int, int, int]:
-    """A conv2d's padding as (top, left, bottom, right)."""
-    pad = [int(p) for p in attrs.padding]
-    return tuple(pad * 2 if len(pad) == 2 else pad)
 
 
 class _Skip(Exception):
@@ -152,14 +146,15 @@ class Lowering:
         hit = self.weight_index.get(weight_key(w_out_in))
         return (hit[0], hit[2]) if hit else (None, None)
 
-    def _choose(self, m_cost: int, k: int, n: int, w_out_in: np.ndarray, conv: bool):
-        """(kernel, bsr or None, density, expected speedup)."""
+    def _choose(self, m_cost: int, k: int, n: int, w_out_in: np.ndarray, conv: bool, dense_speedup: float = 1.0):
+        """(kernel, bsr or None, density, expected speedup); ``dense_speedup`` as in ``cost.estimate``."""
         bsr = kernels.to_bsr(w_out_in, self.block) if self.sparse else None
         density = bsr.density if bsr is not None else 1.0
         force = self.force_layers.get(self._identify(w_out_in)[1], self.force) if self.force_layers else self.force
         if bsr is None or force == "dense":
             return "dense", None, density, 1.0
-        est = cost.estimate(m_cost, k, n, density, self.block, self.params, self.spec.bsr_efficiency, conv)
+        est = cost.estimate(m_cost, k, n, density, self.block, self.params, self.spec.bsr_efficiency, conv,
+                            dense_speedup)
         if force == "bsr" or est.speedup >= cost.MIN_SPEEDUP:
             return "bsr", bsr, density, round(est.speedup, 2)
         return "dense", None, density, 1.0
@@ -242,20 +237,11 @@ class Lowering:
             return None
         n_static = _static(x_shape[0])
         c_in, h, wd = (_static(d) for d in x_shape[1:])
-        geom = kernels.ConvGeom(
-            c_in=c_in,
-            h=h,
-            w=wd,
-            c_out=int(w.shape[0]),
-            kh=int(w.shape[2]),
-            kw=int(w.shape[3]),
-            stride=tuple(int(s) for s in attrs.strides),
-            pad=_padding(attrs),
-            dilation=tuple(int(d) for d in attrs.dilation),
-        )
+        geom = conv_geometry(call)
         if w.shape[1] != c_in or geom.oh <= 0 or geom.ow <= 0:
             return None
-        kind, bsr, density, speedup = self._choose(geom.pixels, geom.k, geom.c_out, w_out_in, conv=True)
+        kind, bsr, density, speedup = self._choose(geom.pixels, geom.k, geom.c_out, w_out_in, conv=True,
+                                                   dense_speedup=kernels.winograd_speedup(geom, self.params))
         x = mutator.visit_expr(x_orig)
         flat = kernels.conv2d_takes_flat_input(geom, self.params, self.block if kind == "bsr" else None)
         by_channels = kind == "dense" and not flat and _small_map_1x1(geom)

@@ -74,3 +74,25 @@ def _is_weight_call(call) -> bool:
     if call.op.same_as(OP_CONV2D):
         return isinstance(call.args[1], tvm.ir.GenericConst)
     return False
+
+
+def conv_geometry(call):
+    """A conv2d call's ``kernels.ConvGeom`` (NCHW, OIHW weight), or None where a size is symbolic."""
+    from .kernels import ConvGeom
+
+    x_shape, w_shape = _shape(call.args[0]), _shape(call.args[1])
+    if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
+        return None
+    dims = [_static(d) for d in x_shape[1:]] + [_static(d) for d in w_shape]
+    if any(d is None for d in dims):
+        return None
+    c_in, h, w, c_out, _, kh, kw = dims
+    attrs = call.attrs
+    return ConvGeom(c_in=c_in, h=h, w=w, c_out=c_out, kh=kh, kw=kw, stride=tuple(int(s) for s in attrs.strides),
+                    pad=_padding(attrs), dilation=tuple(int(d) for d in attrs.dilation))
+
+
+def _padding(attrs) -> tuple[int, int, int, int]:
+    """A conv2d's padding as (top, left, bottom, right)."""
+    pad = [int(p) for p in attrs.padding]
+    return tuple(pad * 2 if len(pad) == 2 else pad)

@@ -37,6 +37,12 @@ def _sparse(rng, shape, keep=0.3):
 pytestmark = pytest.mark.skipif(not HOST_RUNS, reason="x86 AVX-512 kernels need an AVX-512 host")
 
 
+@pytest.fixture
+def direct_forms(monkeypatch):
+    """No Winograd: the tests of the direct forms see them on 3x3 stride-1 layers too."""
+    monkeypatch.setattr(kernels.conv_winograd, "WINOGRAD", False)
+
+
 @pytest.mark.parametrize("k,n", [(67, 100), (8, 3), (64, 48), (16, 56)])  # last panels of 4, 3, 16 and 24 columns
 def test_dense_matmul_symbolic_rows(k, n):
     rng = np.random.default_rng(0)
@@ -169,7 +175,7 @@ CHANNEL_VECTOR_CASES = CONV_CASES[-9:] + [
 
 @pytest.mark.parametrize("case", CHANNEL_VECTOR_CASES)
 @pytest.mark.parametrize("batch", ["symbolic", "chunked"])
-def test_conv2d_channel_vectors(case, batch, monkeypatch):
+def test_conv2d_channel_vectors(case, batch, monkeypatch, direct_forms):
     """The form vectorised over output channels (conv_channels.py), forced on every geometry that reads padded
     planes: row tails, channel counts that end in a narrower tile or in part of a vector, strides and dilations,
     bias and ReLU, images one per launch and in parallel chunks."""
@@ -196,7 +202,7 @@ def test_conv2d_channel_vectors(case, batch, monkeypatch):
     np.testing.assert_allclose(got.reshape(ref.shape), ref.relu().numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_channel_vectors_where_they_cost_less():
+def test_conv2d_channel_vectors_where_they_cost_less(direct_forms):
     """ResNet's 3x3 convolutions on 28x28 to 7x7 maps (their planes' padding columns are 7-30% of the pixel
     vectors' work) and 3x3 convolutions on 8x8 and 4x4 maps (im2col's copy) take output-channel vectors; 3-channel
     stems and strided 1x1s keep pixel vectors; the tiles: two vectors of 7-10 pixels, the widest that divides the
@@ -255,7 +261,7 @@ def test_conv2d_random_geometries_match_torch():
     assert 6 <= sum(forms) <= 18
 
 
-def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch):
+def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch, direct_forms):
     """Seeded random kernels, strides (up to 3), dilations, paddings and channel counts, the channel-vector form
     forced on every one but the direct 1x1s (the cost rule picks it on few of these small layers), against torch."""
     torch = pytest.importorskip("torch")
@@ -279,7 +285,7 @@ def test_conv2d_channel_vectors_random_geometries_match_torch(monkeypatch):
         checked += 1
 
 
-def test_conv2d_channel_vectors_leave_out_taps_that_read_padding(monkeypatch):
+def test_conv2d_channel_vectors_leave_out_taps_that_read_padding(monkeypatch, direct_forms):
     """Border rows and border tiles compute only the taps inside the map: the products counted by the cost rule
     are those of a brute-force count (rows where a loop can skip them), the unrolled source holds fewer FMAs,
     and a layer whose border pixels read nothing but padding (1x1 with padding 2) gives the bias there, as torch
@@ -324,7 +330,7 @@ def test_conv2d_channel_vectors_leave_out_taps_that_read_padding(monkeypatch):
     np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
+def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col(direct_forms):
     """Convolutions on maps of 7x7 and up read padded planes (stride 2: four phase planes), a 7x7/2 stem too; an
     8x8 map (its extra columns would add 50% to the product), a 3x3 stem on 3 channels and a strided 1x1 (more to
     copy than their im2col) and BSR blocks over two input channels use im2col."""
@@ -349,6 +355,79 @@ def test_conv2d_reads_shifted_views_where_they_cost_less_than_im2col():
     assert [planes(kernels.ConvGeom(**case), PARAMS) is not None for case in CONV_CASES[-9:]] == [True] * 9
     tiles = [planes(geom(c, hw, c), PARAMS).tile for c, hw in [(512, 7), (64, 56)]]
     assert tiles == [2 * PARAMS.nr, PARAMS.nr]  # a 7x7 map in one tile per image: its weights read once
+
+
+WINOGRAD_CASES = [
+    # even and odd maps (a tile's second row / column past the edge), channels that end in part of a vector and
+    # in a one-vector tile of their own, "same" and asymmetric padding, unpadded, a map of one output pixel
+    dict(c_in=16, h=8, w=8, c_out=32, pad=(1, 1, 1, 1)),
+    dict(c_in=5, h=7, w=9, c_out=21, pad=(1, 0, 2, 1)),
+    dict(c_in=20, h=14, w=13, c_out=40, pad=(1, 1, 1, 1)),
+    dict(c_in=3, h=5, w=6, c_out=48, pad=(0, 0, 0, 0)),
+    dict(c_in=17, h=3, w=3, c_out=7, pad=(0, 0, 0, 0)),
+    dict(c_in=32, h=4, w=4, c_out=64, pad=(2, 1, 0, 2)),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("batch", ["symbolic", "chunked"])
+def test_conv2d_winograd(case, batch, monkeypatch):
+    """Winograd's F(2x2, 3x3) (conv_winograd.py), forced on every 3x3 stride-1 geometry above, against torch:
+    bias and ReLU or a clip, the batch symbolic (one image per launch) or static in parallel chunks of images."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels.conv, "winograd_pays", lambda g, params: kernels.conv_winograd.takes_winograd(g))
+    rng = np.random.default_rng(13)
+    g = kernels.ConvGeom(kh=3, kw=3, stride=(1, 1), dilation=(1, 1), **case)
+    n = 2 if batch == "symbolic" else 6
+    if batch == "chunked":
+        monkeypatch.setattr(kernels.conv_layout, "FOLD_BATCH_BYTES", 2 * kernels.conv_buffer_bytes(g, PARAMS, None) + 4)
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_MACS", 0)
+        monkeypatch.setattr(kernels.source, "PARALLEL_MIN_COPY", 0)
+    w = rng.standard_normal((g.c_out, g.c_in, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(g.c_out).astype(np.float32)
+    act = "relu" if batch == "symbolic" else Clip(-1.0, 2.5)
+    kern = kernels.conv2d("conv_wg", g, w.reshape(g.c_out, -1), b, act, PARAMS,
+                          n_static=None if batch == "symbolic" else n)
+    assert "V = T.alloc_buffer" in kern.source
+    if batch == "chunked":
+        assert "T.parallel" in kern.source and f"range({n} // 2)" in kern.source
+    x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
+    got = _run(_build(kern), kern, [x], (n, g.c_out, g.pixels))
+    tx = torch.nn.functional.pad(torch.tensor(x, dtype=torch.float64), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
+    ref = torch.nn.functional.conv2d(tx, torch.tensor(w, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    ref = ref.relu() if act == "relu" else ref.clamp(-1.0, 2.5)
+    # float32 sums of 9 * c_in products of unit normals: about 1e-6 of their magnitude (sqrt(9 c_in)) per ulp
+    np.testing.assert_allclose(got.reshape(ref.shape), ref.numpy(), rtol=0, atol=2e-5 * np.sqrt(9 * g.c_in))
+
+
+def test_conv2d_winograd_where_it_pays():
+    """The dense 3x3 stride-1 layers of ResNet-class models (16-512 channels, 56x56 to 4x4 maps) take F(2x2, 3x3),
+    predicted 1.2-2.3x faster than the channel-vector form; 3-channel stems, narrow layers on small maps (their
+    transforms outweigh the products saved), strided, dilated, 1x1 and 5x5 layers and block-sparse weights do
+    not; and the sparsity plan counts Winograd's speed in the dense time a block-sparse kernel must beat."""
+    def geom(c_in, hw, c_out, k=3, stride=1, dilation=1):
+        return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
+                                pad=(dilation * (k // 2),) * 4, dilation=(dilation, dilation))
+
+    def winograd(g, block=None):
+        w = np.ones((g.c_out, g.k), np.float32)
+        bsr = kernels.to_bsr(w, block) if block else None
+        return "V = T.alloc_buffer" in kernels.conv2d("c", g, w, None, None, PARAMS, bsr=bsr, n_static=1).source
+
+    takes = [(64, 56), (128, 28), (256, 14), (512, 7), (32, 8), (64, 4), (16, 28), (32, 14)]
+    assert all(winograd(geom(c, hw, c)) for c, hw in takes)
+    speedups = [kernels.winograd_speedup(geom(c, hw, c), PARAMS) for c, hw in takes]
+    assert 1.1 < min(speedups) and max(speedups) < 2.5, speedups
+    declines = [geom(3, 56, 64), geom(8, 28, 8), geom(16, 4, 16), geom(128, 3, 128), geom(64, 28, 64, stride=2),
+                geom(64, 28, 64, dilation=2), geom(64, 28, 64, k=1), geom(64, 28, 64, k=5)]
+    assert not any(winograd(g) for g in declines)
+    assert kernels.winograd_speedup(geom(64, 28, 64, stride=2), PARAMS) == 1.0
+    assert not winograd(geom(64, 28, 64), block=(4, 1))
+    g = geom(128, 28, 128)
+    plain = estimate(g.pixels, g.k, g.c_out, 0.5, (4, 1), PARAMS, SPEC.bsr_efficiency, conv=True)
+    counted = estimate(g.pixels, g.k, g.c_out, 0.5, (4, 1), PARAMS, SPEC.bsr_efficiency, conv=True,
+                       dense_speedup=kernels.winograd_speedup(g, PARAMS))
+    assert counted.speedup == pytest.approx(plain.speedup / kernels.winograd_speedup(g, PARAMS))
 
 
 def test_bsr_conv_tiles_fit_small_maps():

@@ -12,8 +12,9 @@ One kernel family per module:
 * ``dense.py``         ``dense_matmul``: X @ W with a constant, packed W.
 * ``bsr.py``           ``bsr_matmul`` and the block-sparse (BSR) weight format.
 * ``conv.py``          ``conv2d`` through im2col; ``conv_planes.py`` its shifted-view form (pixel vectors);
-                       ``conv_channels.py`` the same planes with output-channel vectors; ``conv_layout.py``
-                       their shared geometry, tiles and signature.
+                       ``conv_channels.py`` the same planes with output-channel vectors; ``conv_winograd.py``
+                       3x3 stride-1 layers by Winograd's F(2x2, 3x3); ``conv_layout.py`` their shared
+                       geometry, tiles and signature.
 * ``batch_matmul.py``  ``batch_matmul`` of two activations (attention).
 * ``rows.py``          ``layer_norm`` and ``softmax`` over the last axis.
 * ``depthwise.py``     ``depthwise_conv2d`` (NCHW, one input channel per output channel).
@@ -27,6 +28,7 @@ from .bsr import BSR, bsr_matmul, scaled_indices, to_bsr
 from .conv import conv2d, conv2d_takes_flat_input, conv_buffer_bytes
 from .conv_layout import ConvGeom, bsr_conv_tile, pack_conv_weight
 from .conv_planes import plane_offsets
+from .conv_winograd import winograd_speedup
 from .dense import dense_matmul, pack_dense_weight
 from .depthwise import depthwise_conv2d
 from .expand_depthwise import expand_depthwise
@@ -39,5 +41,5 @@ __all__ = [
     "ACTIVATIONS", "BSR", "ConvGeom", "CpuKernelParams", "Kernel", "batch_matmul", "bsr_conv_tile", "bsr_matmul",
     "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "expand_depthwise",
     "expand_group_size", "layer_norm", "max_pool2d",
-    "pack_conv_weight", "pack_dense_weight", "plane_offsets", "scaled_indices", "softmax", "to_bsr",
+    "pack_conv_weight", "pack_dense_weight", "plane_offsets", "scaled_indices", "softmax", "to_bsr", "winograd_speedup",
 ]

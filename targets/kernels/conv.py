@@ -1,6 +1,7 @@
 """``conv2d``: NCHW convolution (OIHW weights, groups == 1) as W[co, (ci, kh, kw)] @ im2col[(ci, kh, kw), pixels]
 per image, dense (packed W broadcast) or BSR (blocks broadcast), vectorised over output pixels; or, where it costs
-less, over shifted views of padded planes (conv_planes.py)."""
+less, over shifted views of padded planes (conv_planes.py), vectorised over output channels (conv_channels.py), or
+by Winograd's F(2x2, 3x3) (conv_winograd.py, dense 3x3 stride 1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .bsr import BSR, SCALED_INDICES, _bsr_accumulate, scaled_indices
 from .conv_layout import ConvGeom, _bsr_conv_chunk, _conv_head, _conv_tile, _images_per_launch, pack_conv_weight
 from .conv_channels import _conv2d_channel_vectors, channel_buffer_bytes, channel_vectors_pay
 from .conv_planes import _conv2d_shifted, _shifted_planes
+from .conv_winograd import _conv2d_winograd, winograd_buffer_bytes, winograd_pays
 from .source import (
     CpuKernelParams, Kernel, _ceil, _choose_mr, _copy_loop, _epilogue, _loop, _parse, _spill, _Src, _tile_accumulate,
 )
@@ -80,6 +82,8 @@ def _form(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -
 def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
     """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
     pixel vectors, the output with its extra columns), the im2col matrix, or nothing (1x1 on whole tiles)."""
+    if block is None and winograd_pays(g, params):
+        return winograd_buffer_bytes(g, params)
     planes, channel_vectors = _form(g, params, block)
     if channel_vectors:
         return channel_buffer_bytes(g)
@@ -108,10 +112,13 @@ def conv2d(
     caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which. The right operand is shifted views
     of padded planes where they cost less than im2col (``_shifted_planes``), else an im2col matrix, or the input
     itself; a dense layer reads the planes vectorised over output channels instead where that costs less
-    (conv_channels.py). Images go in chunks (all of a static batch when their buffers are small): one parallel
+    (conv_channels.py), and a 3x3 stride-1 one by Winograd's F(2x2, 3x3) where that costs less (conv_winograd.py).
+    Images go in chunks (all of a static batch when their buffers are small): one parallel
     copy and one parallel product per chunk.
     """
     sparse = bsr is not None
+    if not sparse and winograd_pays(g, params):
+        return _conv2d_winograd(name, g, w_out_in, bias, act, params, n_static)
     planes, channel_vectors = _form(g, params, bsr.block if sparse else None)
     if channel_vectors:
         return _conv2d_channel_vectors(name, g, w_out_in, bias, act, params, n_static)
