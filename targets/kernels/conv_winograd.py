@@ -22,41 +22,74 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv_channels import ACCUMULATORS, STORE_VECTOR_FMAS, VECTORS, inside_products
+from .conv_channels import ACCUMULATORS, VECTORS, inside_products
 from .conv_layout import ConvGeom, _images_per_launch, pack_conv_weight
 from .source import CpuKernelParams, Kernel, _ceil, _copy_loop, _epilogue, _loop, _parse, _Src, _zero_accumulators
 
 WINOGRAD = True  # False: the direct forms for every convolution (A/B timing)
-# the time of each transform, per channel vector of a tile, in vector FMAs (fitted: winograd_pays); the input's
-# includes the transposing copy
-INPUT_TRANSFORM_FMAS = 118
-OUTPUT_TRANSFORM_FMAS = 38
-
-_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
-_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
-
 
 def takes_winograd(g: ConvGeom) -> bool:
-    """The geometry F(2x2, 3x3) computes: a 3x3 kernel at stride 1 without dilation (any padding)."""
+    """The geometry these algorithms compute: a 3x3 kernel at stride 1 without dilation (any padding)."""
     return WINOGRAD and (g.kh, g.kw) == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """F(m x m, 3x3): output tiles of m x m from input patches of t x t (t = m + 2), transforms B^T, G, A^T, and
+    its time in vector FMAs (fitted: ``choose_algorithm``) per streamed weight vector, per tile and input vector
+    (the transposing copy and the input transform), per tile and output vector (the output transform) and per
+    output element stored."""
+
+    m: int
+    bt: np.ndarray
+    g: np.ndarray
+    at: np.ndarray
+    weight_fmas: float
+    input_fmas: float
+    output_fmas: float
+    store_fmas: float
+
+    @property
+    def t(self) -> int:
+        return self.m + 2
+
+    @property
+    def planes(self) -> int:
+        """Values per tile: t x t independent products."""
+        return self.t * self.t
+
+
+F2 = Algorithm(2, np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
+               np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),
+               np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64), 0, 92, 43, 0.63)
+F4 = Algorithm(4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                            [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64),
+               np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64),
+               np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                        dtype=np.float64), 1.0, 396, 125, 0.57)
+# the channel-vector form's time beside them, in vector FMAs per weight vector streamed and per element stored
+DIRECT_WEIGHT_FMAS = 0.36
+DIRECT_STORE_FMAS = 1.55
+ALGORITHMS = (F2, F4)
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Sizes of the buffers of one launch of ``images`` images."""
 
-    th: int  # tile rows (2 output rows each)
+    th: int  # tile rows (m output rows each)
     tw: int  # tile columns
-    hp: int  # rows of the padded, transposed input: 2 * th + 2
+    hp: int  # rows of the padded, transposed input: m * th + 2
     wp: int  # its columns
     cp: int  # input channels rounded up to whole vectors
     cop: int  # output channels rounded up to whole weight tiles
     tiles: int  # tiles of all images of a launch
     rows: int  # tiles rounded up to whole blocks of every kind of product tile
+    planes: int  # values per tile
 
     def buffer_floats(self, images: int = 1) -> int:
-        return images * self.hp * self.wp * self.cp + 16 * self.rows * (self.cp + self.cop)
+        return images * self.hp * self.wp * self.cp + self.planes * self.rows * (self.cp + self.cop)
 
 
 @dataclass(frozen=True)
@@ -86,69 +119,85 @@ def _product_tiles(c_out: int, tiles: int, params: CpuKernelParams) -> list[_Til
     return out
 
 
-def _layout(g: ConvGeom, params: CpuKernelParams, images: int) -> _Layout:
-    th, tw = _ceil(g.oh, 2), _ceil(g.ow, 2)
+def _layout(g: ConvGeom, params: CpuKernelParams, images: int, alg: Algorithm) -> _Layout:
+    th, tw = _ceil(g.oh, alg.m), _ceil(g.ow, alg.m)
     width = min(_ceil(g.c_out, params.lanes), VECTORS) * params.lanes
     tiles = images * th * tw
     rows = max(_ceil(tiles, k.positions) * k.positions for k in _product_tiles(g.c_out, tiles, params))
-    return _Layout(th, tw, 2 * th + 2, 2 * tw + 2, _ceil(g.c_in, params.lanes) * params.lanes,
-                   _ceil(g.c_out, width) * width, tiles, rows)
+    return _Layout(th, tw, alg.m * th + 2, alg.m * tw + 2, _ceil(g.c_in, params.lanes) * params.lanes,
+                   _ceil(g.c_out, width) * width, tiles, rows, alg.planes)
 
 
 def winograd_buffer_bytes(g: ConvGeom, params: CpuKernelParams) -> int:
     """Bytes per image of this form's buffers: the transposed planes, V and M."""
-    return 4 * _layout(g, params, 1).buffer_floats()
+    return 4 * _layout(g, params, 1, choose_algorithm(g, params)[0] or F2).buffer_floats()
 
 
 def winograd_pays(g: ConvGeom, params: CpuKernelParams) -> bool:
-    """Whether F(2x2, 3x3) costs less than the channel-vector form (conv_channels.py, which skips the taps that read
-    padding): ``winograd_speedup`` above 1."""
+    """Whether a Winograd algorithm costs less than the channel-vector form (conv_channels.py, which skips the
+    taps that read padding): ``winograd_speedup`` above 1."""
     return winograd_speedup(g, params) > 1
 
 
 def winograd_speedup(g: ConvGeom, params: CpuKernelParams) -> float:
-    """The predicted time of the channel-vector form over this one's, 1.0 where this form is not taken. Both in
-    vector FMAs per image: the products (16 per tile, input channel and output vector) and each transform
-    (INPUT_TRANSFORM_FMAS per tile and input vector, the transposing copy included; OUTPUT_TRANSFORM_FMAS per tile
-    and output vector), plus the element stores both forms make; odd maps pay for whole tiles. Fitted on 86 lone
-    layers (8-256 channels, 4x4 to 56x56 maps, one thread, AVX-512): within 5% at the median, 16% at the 90th
-    percentile; it declines 11 layers where this form was 1.03-1.6x faster (8-48 channels on 4x4 to 8x8 maps,
-    where the direct forms cost more than the products and stores counted) and takes one where it was 0.94x."""
+    """The predicted time of the channel-vector form over the best Winograd algorithm's, 1.0 where none is taken
+    (``choose_algorithm``)."""
+    return choose_algorithm(g, params)[1]
+
+
+def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | None, float]:
+    """(the algorithm predicted fastest, its predicted speed-up over the channel-vector form), or (None, 1.0).
+    All in vector FMAs per image: the products (t x t per tile, input channel and output vector; the direct form's
+    inside taps, conv_channels.py), the weights streamed once per launch, each transform per tile and channel
+    vector, the element stores; odd maps pay for whole tiles. Fitted on 92 lone layers (8-512 channels, 4x4 to
+    56x56 maps, one thread, AVX-512; the three forms' timings side by side): on those with at least a vector of
+    input channels the choice ran within 5% of the fastest form on every layer. Layers with fewer input channels
+    (stems) keep the direct form: the transforms work on whole vectors of channels, and on 8-channel layers the
+    rule mispredicted either way (Winograd 0.74-2.4x)."""
     if not takes_winograd(g) or g.c_in < params.lanes:
-        return 1.0
+        return None, 1.0
     lanes = params.lanes
-    lay = _layout(g, params, 1)
     co_vectors = _ceil(g.c_out, lanes)
-    stores = g.pixels * g.c_out * STORE_VECTOR_FMAS
-    direct = co_vectors * inside_products(g) + stores
-    mine = (16 * lay.rows * g.c_in * lay.cop // lanes + lay.tiles * INPUT_TRANSFORM_FMAS * lay.cp // lanes
-            + lay.tiles * OUTPUT_TRANSFORM_FMAS * co_vectors + stores)
-    return max(direct / mine, 1.0)
+    stores = g.pixels * g.c_out
+    weights = g.c_in * _layout(g, params, 1, F2).cop // lanes  # vectors per tap of the weights, as packed
+    direct = co_vectors * inside_products(g) + DIRECT_WEIGHT_FMAS * 9 * weights + DIRECT_STORE_FMAS * stores
+    best, best_cost = None, direct
+    for alg in ALGORITHMS:
+        lay = _layout(g, params, 1, alg)
+        cost = (alg.planes * lay.rows * g.c_in * lay.cop // lanes + alg.weight_fmas * alg.planes * weights
+                + lay.tiles * alg.input_fmas * lay.cp // lanes + lay.tiles * alg.output_fmas * co_vectors
+                + alg.store_fmas * stores)
+        if cost < best_cost:
+            best, best_cost = alg, cost
+    return best, direct / best_cost
 
 
-def winograd_weights(w: np.ndarray, width: int) -> np.ndarray:
-    """OIHW 3x3 weights -> U = G w G^T packed [16, Co / width, Ci, width] (pack_conv_weight per position)."""
-    u = np.einsum("ik,ockl,jl->ijoc", _G, w.astype(np.float64), _G).reshape(16, w.shape[0], w.shape[1])
-    return np.ascontiguousarray(np.stack([pack_conv_weight(u[xi].astype(np.float32), width) for xi in range(16)]))
+def winograd_weights(w: np.ndarray, width: int, alg: Algorithm = F2) -> np.ndarray:
+    """OIHW 3x3 weights -> U = G w G^T packed [t * t, Co / width, Ci, width] (pack_conv_weight per value)."""
+    u = np.einsum("ik,ockl,jl->ijoc", alg.g, w.astype(np.float64), alg.g).reshape(alg.planes, *w.shape[:2])
+    return np.ascontiguousarray(np.stack([pack_conv_weight(u[xi].astype(np.float32), width)
+                                          for xi in range(alg.planes)]))
 
 
 def _combination(coefficients: np.ndarray, term) -> str:
-    """sum c * term(i, j) over the nonzero entries of a matrix of +-1 (+-1/2 never occurs here)."""
+    """sum c * term(i) over the nonzero entries of a vector of small exact constants."""
     out = ""
-    for (i, j), c in np.ndenumerate(coefficients):
+    for i, c in enumerate(coefficients):
         if c:
-            sign = "-" if c < 0 else ("+" if out else "")
-            out += f" {sign} {term(i, j)}" if out else f"{sign}{term(i, j)}"
-    return out.strip()
+            factor = term(i) if abs(c) == 1 else f"T.float32({float(abs(c))!r}) * {term(i)}"
+            out += (" - " if c < 0 else " + ") + factor if out else ("-" if c < 0 else "") + factor
+    return out
 
 
 def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndarray | None, act,
-                     params: CpuKernelParams, n_static: int | None) -> Kernel:
-    """Y[n, co, oh * OW + ow] of a 3x3 stride-1 convolution by F(2x2, 3x3), in four parallel stages per launch:
-    copy (XT), input transform (V), 16 products (M), output transform (Y, with the bias and activation)."""
-    lanes = params.lanes
-    images = _images_per_launch(n_static, winograd_buffer_bytes(g, params))
-    lay = _layout(g, params, images)
+                     params: CpuKernelParams, n_static: int | None, alg: Algorithm | None = None) -> Kernel:
+    """Y[n, co, oh * OW + ow] of a 3x3 stride-1 convolution by F(m x m, 3x3) (``alg``, else ``choose_algorithm``'s,
+    else F2), in four parallel stages per launch: copy (XT), input transform (V), t x t products (M), output
+    transform (Y, with the bias and activation)."""
+    alg = alg or choose_algorithm(g, params)[0] or F2
+    lanes, t = params.lanes, alg.t
+    images = _images_per_launch(n_static, 4 * _layout(g, params, 1, alg).buffer_floats())
+    lay = _layout(g, params, images, alg)
     kinds = _product_tiles(g.c_out, lay.tiles, params)
     width = kinds[0].vectors * lanes
     n = "n_batch" if n_static is None else str(n_static)
@@ -156,43 +205,56 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
     a.signature(name, ["x: T.handle", "w: T.handle"] + (["b: T.handle"] if bias is not None else []) + ["y: T.handle"],
                 ("n_batch",) if n_static is None else ())
     a(1, f'X = T.match_buffer(x, ({n}, {g.c_in}, {g.h}, {g.w}), "float32")')
-    a(1, f'W = T.match_buffer(w, (16, {lay.cop // width}, {g.c_in}, {width}), "float32")')
+    a(1, f'W = T.match_buffer(w, ({alg.planes}, {lay.cop // width}, {g.c_in}, {width}), "float32")')
     if bias is not None:
         a(1, f'B = T.match_buffer(b, ({lay.cop},), "float32")')
     a(1, f'Y = T.match_buffer(y, ({n}, {g.c_out}, {g.pixels}), "float32")')
     plane = lay.hp * lay.wp * lay.cp
     a(1, f'XT = T.alloc_buffer(({images * plane},), "float32")')
-    a(1, f'V = T.alloc_buffer(({16 * lay.rows * lay.cp},), "float32")')
-    a(1, f'M = T.alloc_buffer(({16 * lay.rows * lay.cop},), "float32")')
+    a(1, f'V = T.alloc_buffer(({alg.planes * lay.rows * lay.cp},), "float32")')
+    a(1, f'M = T.alloc_buffer(({alg.planes * lay.rows * lay.cop},), "float32")')
     a(1, f"for nc in range({n} // {images}):" if images > 1 else f"for nc in range({n}):")
     _copy_transposed(a, g, lay, images)
     if lay.rows > lay.tiles:  # product rows past the last tile: zeros (their sums are never read)
-        a(2, f"for z in range({16 * (lay.rows - lay.tiles)}):")
+        a(2, f"for z in range({alg.planes * (lay.rows - lay.tiles)}):")
         a(3, f"for v in T.vectorized({lay.cp}):")
         a(4, f"V[z // {lay.rows - lay.tiles} * {lay.rows * lay.cp} + ({lay.tiles} + z % {lay.rows - lay.tiles})"
              f" * {lay.cp} + v] = T.float32(0)")
-    a(2, f"for q in {_copy_loop(images * plane * 2)}({images * lay.th}):")  # input transform, per tile row
-    xt = (f"q // {lay.th} * {plane} + ((q % {lay.th} * 2 + {{r}}) * {lay.wp} + tj * 2 + {{c}}) * {lay.cp}"
-          f" + cv * {lanes} + v")
-    a(3, f"for tj in range({lay.tw}):")
-    a(4, f"for cv in range({lay.cp // lanes}):")
-    a(5, f"for v in T.vectorized({lanes}):")
-    row = f"(q * {lay.tw} + tj) * {lay.cp} + cv * {lanes} + v"
-    for xi in range(16):
-        r, c = divmod(xi, 4)
-        term = np.outer(_BT[r], _BT[c])
-        a(6, f"V[{xi * lay.rows * lay.cp} + {row}] = "
-             + _combination(term, lambda i, j: f"XT[{xt.format(r=i, c=j)}]"))
+    _input_transform(a, lay, alg, images, lanes)
     for kind in kinds:
         _products(a, g, lay, kind, width, lanes)
-    _output_transform(a, g, lay, images, bias is not None, act, lanes)
+    _output_transform(a, g, lay, alg, images, bias is not None, act, lanes)
     src = a.text()
-    consts = [winograd_weights(w_out_in.reshape(g.c_out, g.c_in, 3, 3), width)]
+    consts = [winograd_weights(w_out_in.reshape(g.c_out, g.c_in, 3, 3), width, alg)]
     if bias is not None:
         padded = np.zeros(lay.cop, np.float32)
         padded[:g.c_out] = bias
         consts.append(padded)
     return Kernel(name, _parse(src, name), consts, src)
+
+
+def _input_transform(a: _Src, lay: _Layout, alg: Algorithm, images: int, lanes: int) -> None:
+    """V = B^T d B per tile and input-channel vector, rows first (into t small buffers, kept in registers), then
+    columns; one (parallel) loop over (image, tile row)."""
+    t, m = alg.t, alg.m
+    plane = lay.hp * lay.wp * lay.cp
+    a(2, f"for q in {_copy_loop(images * plane * 2)}({images * lay.th}):")
+    a(3, f"for tj in range({lay.tw}):")
+    a(4, f"for cv in range({lay.cp // lanes}):")
+    rows = [a.fresh("bd") for _ in range(t)]
+    for buf in rows:
+        a(5, f'{buf} = T.alloc_buffer(({t * lanes},), "float32")')
+    a(5, f"for v in T.vectorized({lanes}):")
+    patch = (f"XT[q // {lay.th} * {plane} + ((q % {lay.th} * {m} + {{r}}) * {lay.wp} + tj * {m} + {{c}}) * {lay.cp}"
+             f" + cv * {lanes} + v]")
+    for i in range(t):
+        for c in range(t):
+            a(6, f"{rows[i]}[{c * lanes} + v] = " + _combination(alg.bt[i], lambda r, c=c: patch.format(r=r, c=c)))
+    row = f"(q * {lay.tw} + tj) * {lay.cp} + cv * {lanes} + v"
+    for i in range(t):
+        for j in range(t):
+            a(6, f"V[{(i * t + j) * lay.rows * lay.cp} + {row}] = "
+                 + _combination(alg.bt[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]"))
 
 
 def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int) -> None:
@@ -230,7 +292,7 @@ def _products(a: _Src, g: ConvGeom, lay: _Layout, kind: _Tiles, width: int, lane
     blocks = lay.rows // kind.positions
     w = kind.vectors * lanes
     per_xi = kind.count * blocks
-    a(2, f"for t in {_loop(16 * lay.rows * g.c_in * kind.count * w)}({16 * per_xi}):")
+    a(2, f"for t in {_loop(lay.planes * lay.rows * g.c_in * kind.count * w)}({lay.planes * per_xi}):")
     xi = f"t // {per_xi}"
     ct = f"({kind.first} + t % {per_xi} // {blocks})" if kind.count > 1 else str(kind.first)
     first_row = f"t % {blocks} * {kind.positions}"
@@ -245,41 +307,49 @@ def _products(a: _Src, g: ConvGeom, lay: _Layout, kind: _Tiles, width: int, lane
         a(4, f"M[{xi} * {lay.rows * lay.cop} + ({first_row} + {r}) * {lay.cop} + {ct} * {width} + v] = {acc}{r}[v]")
 
 
-def _output_transform(a: _Src, g: ConvGeom, lay: _Layout, images: int, bias: bool, act, lanes: int) -> None:
-    """Y = A^T M A (+ bias) (activation) per tile and output-channel vector, stored element by element; one
-    (parallel) loop over (image, tile row). A tile's second row or column past an odd map's edge is left out."""
+def _output_transform(a: _Src, g: ConvGeom, lay: _Layout, alg: Algorithm, images: int, bias: bool, act,
+                      lanes: int) -> None:
+    """Y = A^T M A (+ bias) (activation) per tile and output-channel vector, rows first (into m small buffers),
+    stored element by element; one (parallel) loop over (image, tile row). The rows and columns of the last
+    tiles past the map's edge are left out."""
+    t, m = alg.t, alg.m
     co_vectors = _ceil(g.c_out, lanes)
-    a(2, f"for q in {_copy_loop(images * lay.th * lay.tw * co_vectors * lanes * 4)}({images * lay.th}):")
+    a(2, f"for q in {_copy_loop(images * lay.th * lay.tw * co_vectors * lanes * m * m)}({images * lay.th}):")
     img = f"(nc * {images} + q // {lay.th})" if images > 1 else "nc"
     ti = f"q % {lay.th}" if images > 1 else "q"
     a(3, f"for tj in range({lay.tw}):")
     a(4, f"for cv in range({co_vectors}):")
-    out = a.fresh("out")
-    a(5, f'{out} = T.alloc_buffer(({4 * lanes},), "float32")')
+    rows, outs = [a.fresh("am") for _ in range(m)], [a.fresh("out") for _ in range(m)]
+    for buf in rows:
+        a(5, f'{buf} = T.alloc_buffer(({t * lanes},), "float32")')
+    for buf in outs:
+        a(5, f'{buf} = T.alloc_buffer(({m * lanes},), "float32")')
     a(5, f"for v in T.vectorized({lanes}):")
-    m = f"(q * {lay.tw} + tj) * {lay.cop} + cv * {lanes} + v"
-    for ya in range(2):
-        for yb in range(2):
-            total = _combination(np.outer(_AT[ya], _AT[yb]),
-                                 lambda i, j: f"M[{(i * 4 + j) * lay.rows * lay.cop} + {m}]")
-            val = _epilogue(f"({total})", f"B[cv * {lanes} + v]" if bias else None, act)
-            a(6, f"{out}[{(ya * 2 + yb) * lanes} + v] = {val}")
-    channels = g.c_out % lanes
-    for ya in range(2):
-        for yb in range(2):
+    mrow = f"(q * {lay.tw} + tj) * {lay.cop} + cv * {lanes} + v"
+    for i in range(m):
+        for c in range(t):
+            a(6, f"{rows[i]}[{c * lanes} + v] = "
+                 + _combination(alg.at[i], lambda r, c=c: f"M[{(r * t + c) * lay.rows * lay.cop} + {mrow}]"))
+    for i in range(m):
+        for j in range(m):
+            total = _combination(alg.at[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]")
+            a(6, f"{outs[i]}[{j * lanes} + v] = "
+                 + _epilogue(f"({total})", f"B[cv * {lanes} + v]" if bias else None, act))
+    for i in range(m):
+        for j in range(m):
             ind = 5
             guards = []
-            if g.oh % 2 and ya:
+            if g.oh % m and i >= g.oh % m:
                 guards.append(f"{ti} < {lay.th - 1}")
-            if g.ow % 2 and yb:
+            if g.ow % m and j >= g.ow % m:
                 guards.append(f"tj < {lay.tw - 1}")
             if guards:
                 a(ind, f"if {' and '.join(guards)}:")
                 ind += 1
-            a(ind, f"for j in range({lanes}):")
+            a(ind, f"for e in range({lanes}):")
             ind += 1
-            if channels:
-                a(ind, f"if cv * {lanes} + j < {g.c_out}:")
+            if g.c_out % lanes:
+                a(ind, f"if cv * {lanes} + e < {g.c_out}:")
                 ind += 1
-            a(ind, f"Y[{img}, cv * {lanes} + j, ({ti} * 2 + {ya}) * {g.ow} + tj * 2 + {yb}] = "
-                   f"{out}[{(ya * 2 + yb) * lanes} + j]")
+            a(ind, f"Y[{img}, cv * {lanes} + e, ({ti} * {m} + {i}) * {g.ow} + tj * {m} + {j}] = "
+                   f"{outs[i]}[{j * lanes} + e]")
