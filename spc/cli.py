@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile with the --dim sizes fixed (static shapes: the kernels specialise to them, e.g. "
                         "one parallel loop over the whole batch, as --speedup measured); the bundle then accepts "
                         "only those sizes")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="compute every product of 3x3 convolutions as given (results as close to ONNX Runtime's as "
+                        "the direct sums) instead of by Winograd's algorithm, faster with errors of about 1e-5 of "
+                        "the sums' magnitude")
     p.add_argument("--eval", help=".npz with model inputs (and 'label'): accuracy of the model and of the bundle's")
     p.set_defaults(func=cmd_compile)
 

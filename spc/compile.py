@@ -49,6 +49,9 @@ def compile_cli(args, progress) -> int:
         if args.sparsity > 0:
             raise SpcError("--speedup chooses each layer's kernel and sparsity from measured latencies; it "
                            "cannot be combined with --sparsity")
+        if args.no_winograd:
+            raise SpcError("--speedup measures its layer latencies with the default kernels (Winograd 3x3 "
+                           "convolutions); it cannot be combined with --no-winograd")
         calibration = load_npz(args.calib, model)[0] if args.calib else None
         result, latency = cli_prune(args, model, calibration, progress, spec.name, sparse=args.sparse_layers)
         model = result.model
@@ -67,7 +70,7 @@ def compile_cli(args, progress) -> int:
     if latency is not None and latency.get("sparsity"):  # --speedup's per-layer choice, measured with 4x1 blocks
         sparsity, block = latency["sparsity"], (4, 1)
     manifest = compile_model(model, spec.name, args.output, sparsity=sparsity, block=block, input_shapes=shapes,
-                             progress=progress)
+                             progress=progress, winograd=not args.no_winograd)
     summary["bundle"] = str(args.output)
     if latency is not None:
         (Path(args.output) / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")

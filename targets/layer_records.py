@@ -31,6 +31,7 @@ class LayerRecord:
     expected_speedup: float = 1.0  # predicted time(dense) / time(chosen kernel)
     fused: list[str] = field(default_factory=list)
     reason: str = ""
+    winograd: int | None = None  # m where a dense 3x3 conv runs by Winograd's F(m x m, 3x3)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,10 +122,12 @@ def describe(mod: tvm.IRModule, weight_index: dict, reason: str, func_name: str 
 
 
 def sparsity_plan(
-    mod: tvm.IRModule, weight_index: dict, spec: TargetSpec, block: tuple[int, int], density: float
+    mod: tvm.IRModule, weight_index: dict, spec: TargetSpec, block: tuple[int, int], density: float,
+    winograd: bool = True,
 ) -> dict[str, tuple[float, str]]:
     """ONNX weight name -> (predicted BSR speed-up at ``density``, reason it does not pay or ""): which layers are
-    worth sparsifying (a layer that would run dense anyway keeps its weights)."""
+    worth sparsifying (a layer that would run dense anyway keeps its weights; its dense time by Winograd where
+    ``winograd`` and that pays)."""
     plan: dict[str, tuple[float, str]] = {}
     for call, view, conv, _rows, cost_rows, why in _weight_layers(mod):
         hit = weight_index.get(weight_key(view))
@@ -134,7 +137,7 @@ def sparsity_plan(
         if why:
             plan[hit[2]] = (1.0, f"no spc kernel: {why}")
             continue
-        geom = conv_geometry(call) if conv and spec.cpu_kernels is not None else None
+        geom = conv_geometry(call) if conv and winograd and spec.cpu_kernels is not None else None
         dense_speedup = kernels.winograd_speedup(geom, spec.cpu_kernels) if geom is not None else 1.0
         est = cost.estimate(cost_rows, inp, out, density, block, spec.cpu_kernels, spec.bsr_efficiency, conv,
                             dense_speedup)

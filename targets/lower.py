@@ -96,8 +96,10 @@ class Lowering:
         sparse: bool = True,
         force: str | None = None,
         force_layers: dict[str, str] | None = None,
+        winograd: bool = True,
     ):
         self.spec = spec
+        self.winograd = winograd  # dense 3x3 stride-1 convolutions by Winograd where it pays (kernels.conv2d)
         self.params = spec.cpu_kernels
         self.block = tuple(block)
         self.weight_index = weight_index or {}
@@ -240,8 +242,10 @@ class Lowering:
         geom = conv_geometry(call)
         if w.shape[1] != c_in or geom.oh <= 0 or geom.ow <= 0:
             return None
+        algorithm = kernels.conv_winograd.choose_algorithm(geom, self.params)[0] if self.winograd else None
         kind, bsr, density, speedup = self._choose(geom.pixels, geom.k, geom.c_out, w_out_in, conv=True,
-                                                   dense_speedup=kernels.winograd_speedup(geom, self.params))
+                                                   dense_speedup=kernels.winograd_speedup(geom, self.params)
+                                                   if algorithm else 1.0)
         x = mutator.visit_expr(x_orig)
         flat = kernels.conv2d_takes_flat_input(geom, self.params, self.block if kind == "bsr" else None)
         by_channels = kind == "dense" and not flat and _small_map_1x1(geom)
@@ -253,7 +257,8 @@ class Lowering:
                                         None if n_static is None else n_static * geom.pixels, geom.pixels)
         else:
             kern = kernels.conv2d(
-                self._name("conv"), geom, w_out_in, bias, act, self.params, bsr=bsr, n_static=n_static
+                self._name("conv"), geom, w_out_in, bias, act, self.params, bsr=bsr, n_static=n_static,
+                winograd=self.winograd,
             )
         y = mutator.builder_.emit(self._call(mutator, kern, x, [n_dim, geom.c_out, geom.pixels]))
         node, weight = self._identify(w_out_in)
@@ -268,6 +273,7 @@ class Lowering:
             density=round(density, 4),
             expected_speedup=speedup,
             fused=fused,
+            winograd=algorithm.m if algorithm is not None and kind == "dense" else None,
         )
         return relax.op.reshape(y, [n_dim, geom.c_out, geom.oh, geom.ow])
 

@@ -79,10 +79,11 @@ def _form(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -
     return planes, block is None and channel_vectors_pay(g, planes, params)
 
 
-def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -> int:
+def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None,
+                      winograd: bool = True) -> int:
     """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
     pixel vectors, the output with its extra columns), the im2col matrix, or nothing (1x1 on whole tiles)."""
-    if block is None and winograd_pays(g, params):
+    if block is None and winograd and winograd_pays(g, params):
         return winograd_buffer_bytes(g, params)
     planes, channel_vectors = _form(g, params, block)
     if channel_vectors:
@@ -104,6 +105,7 @@ def conv2d(
     params: CpuKernelParams,
     bsr: BSR | None = None,
     n_static: int | None = None,
+    winograd: bool = True,
 ) -> Kernel:
     """Y[n, co, oh * OW + ow] = sum W[co, ci, kh, kw] X[n, ci, ...] (+ bias) (relu); dense if bsr is None.
 
@@ -112,12 +114,13 @@ def conv2d(
     caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which. The right operand is shifted views
     of padded planes where they cost less than im2col (``_shifted_planes``), else an im2col matrix, or the input
     itself; a dense layer reads the planes vectorised over output channels instead where that costs less
-    (conv_channels.py), and a 3x3 stride-1 one by Winograd's F(2x2, 3x3) where that costs less (conv_winograd.py).
+    (conv_channels.py), and a 3x3 stride-1 one by Winograd's F(4x4, 3x3) or F(2x2, 3x3) where that costs less
+    (conv_winograd.py) unless ``winograd`` is False (every product computed as given, like ONNX Runtime).
     Images go in chunks (all of a static batch when their buffers are small): one parallel
     copy and one parallel product per chunk.
     """
     sparse = bsr is not None
-    if not sparse and winograd_pays(g, params):
+    if not sparse and winograd and winograd_pays(g, params):
         return _conv2d_winograd(name, g, w_out_in, bias, act, params, n_static)
     planes, channel_vectors = _form(g, params, bsr.block if sparse else None)
     if channel_vectors:
@@ -139,7 +142,7 @@ def conv2d(
     full_ptiles = p // tile_w
     a = _Src()
     use_direct = g.direct and p % tile_w == 0
-    images = _images_per_launch(n_static, conv_buffer_bytes(g, params, bsr.block if sparse else None))
+    images = _images_per_launch(n_static, conv_buffer_bytes(g, params, bsr.block if sparse else None, winograd))
     n = _conv_head(a, name, g, n_static, use_direct, bsr, n_row_tiles, rows, bias is not None)
     flat_xc = sparse and not use_direct and SCALED_INDICES  # BSR reads rows at pre-multiplied offsets
     if not use_direct:

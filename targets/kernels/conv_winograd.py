@@ -1,19 +1,22 @@
-"""Dense 3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (``_conv2d_winograd``): 16
-multiplies per 2x2 output tile and input/output channel pair instead of 36, 2.25x fewer. ONNX Runtime's MLAS
-convolutions compute every product directly.
+"""Dense 3x3 stride-1 convolutions by Winograd's minimal filtering F(m x m, 3x3) (``_conv2d_winograd``):
+F(2x2, 3x3) computes 16 multiplies per 2x2 output tile and input/output channel pair instead of 36 (2.25x fewer),
+F(4x4, 3x3) 36 per 4x4 tile instead of 144 (4x fewer). ONNX Runtime's MLAS convolutions compute every product.
 
-Each 4x4 input patch d (overlapping by 2) becomes V = B^T d B, each filter g becomes U = G g G^T (once, when the
-kernel is built), the 16 elementwise products are summed over input channels, i.e. 16 independent matrix products
-M[xi] = V[xi] @ U[xi] over (tiles x input channels) @ (input channels x output channels), and each tile's output
-is A^T M A (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The transforms' entries are
-0, +-1 and +-1/2, so float32 results stay within a few ulps of the sums' magnitude (measured against torch in the
-tests).
+Each t x t input patch d (t = m + 2, overlapping by 2) becomes V = B^T d B, each filter g becomes U = G g G^T (once,
+when the kernel is built), the t x t elementwise products are summed over input channels, i.e. t * t independent
+matrix products M[xi] = V[xi] @ U[xi] over (tiles x input channels) @ (input channels x output channels), and each
+tile's output is A^T M A (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). Precision:
+F(2x2, 3x3)'s transforms hold 0, +-1 and +-1/2, so float32 results stay within a few ulps of the sums' magnitude;
+F(4x4, 3x3)'s (points 0, +-1, +-2: entries up to 8 and down to 1/24) lose about 15x more, errors of about 1e-5
+of the sums' magnitude (both measured against float64 in the tests). Which one runs, if any, is a per-layer
+choice by predicted time (``choose_algorithm``).
 
 Layout, chosen so that every stage runs on whole vectors: the input goes once into zero-padded planes transposed to
 channels last (XT[row, column, channel], channels rounded up to whole vectors); the input transform then works on
-channel vectors; the products are the channel-vector tiles of conv_channels.py (a weight vector per input channel
-times broadcast values of consecutive tiles); the output transform reads channel vectors of M and stores the 2x2
-outputs of each tile element by element into NCHW.
+channel vectors, rows first (t small buffers that stay in registers), then columns; the products are the
+channel-vector tiles of conv_channels.py (a weight vector per input channel times broadcast values of consecutive
+tiles); the output transform reads channel vectors of M and stores the m x m outputs of each tile element by
+element into NCHW.
 """
 
 from __future__ import annotations
