@@ -31,6 +31,7 @@ from .source import CpuKernelParams, Kernel, _ceil, _copy_loop, _epilogue, _loop
 
 WINOGRAD = True  # False: the direct forms for every convolution (A/B timing)
 
+
 def takes_winograd(g: ConvGeom) -> bool:
     """The geometry these algorithms compute: a 3x3 kernel at stride 1 without dilation (any padding)."""
     return WINOGRAD and (g.kh, g.kw) == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1)
