@@ -137,10 +137,11 @@ def sparsity_plan(
         if why:
             plan[hit[2]] = (1.0, f"no spc kernel: {why}")
             continue
-        geom = conv_geometry(call) if conv and winograd and spec.cpu_kernels is not None else None
-        dense_speedup = kernels.winograd_speedup(geom, spec.cpu_kernels) if geom is not None else 1.0
+        geom = conv_geometry(call) if conv and spec.cpu_kernels is not None else None
+        dense_speedup = kernels.winograd_speedup(geom, spec.cpu_kernels) if geom is not None and winograd else 1.0
+        copy = kernels.bsr_extra_copy(geom, spec.cpu_kernels, block) if geom is not None else 0
         est = cost.estimate(cost_rows, inp, out, density, block, spec.cpu_kernels, spec.bsr_efficiency, conv,
-                            dense_speedup)
+                            dense_speedup, copy)
         speedup = round(est.speedup, 2)
         plan[hit[2]] = (speedup, "" if speedup >= cost.MIN_SPEEDUP else f"BSR predicted x{speedup} at {cost_rows} rows")
     return plan

@@ -148,15 +148,17 @@ class Lowering:
         hit = self.weight_index.get(weight_key(w_out_in))
         return (hit[0], hit[2]) if hit else (None, None)
 
-    def _choose(self, m_cost: int, k: int, n: int, w_out_in: np.ndarray, conv: bool, dense_speedup: float = 1.0):
-        """(kernel, bsr or None, density, expected speedup); ``dense_speedup`` as in ``cost.estimate``."""
+    def _choose(self, m_cost: int, k: int, n: int, w_out_in: np.ndarray, conv: bool, dense_speedup: float = 1.0,
+                copy_elements: int = 0):
+        """(kernel, bsr or None, density, expected speedup); ``dense_speedup`` and ``copy_elements`` as in
+        ``cost.estimate``."""
         bsr = kernels.to_bsr(w_out_in, self.block) if self.sparse else None
         density = bsr.density if bsr is not None else 1.0
         force = self.force_layers.get(self._identify(w_out_in)[1], self.force) if self.force_layers else self.force
         if bsr is None or force == "dense":
             return "dense", None, density, 1.0
         est = cost.estimate(m_cost, k, n, density, self.block, self.params, self.spec.bsr_efficiency, conv,
-                            dense_speedup)
+                            dense_speedup, copy_elements)
         if force == "bsr" or est.speedup >= cost.MIN_SPEEDUP:
             return "bsr", bsr, density, round(est.speedup, 2)
         return "dense", None, density, 1.0
@@ -245,7 +247,9 @@ class Lowering:
         algorithm = kernels.conv_winograd.choose_algorithm(geom, self.params)[0] if self.winograd else None
         kind, bsr, density, speedup = self._choose(geom.pixels, geom.k, geom.c_out, w_out_in, conv=True,
                                                    dense_speedup=kernels.winograd_speedup(geom, self.params)
-                                                   if algorithm else 1.0)
+                                                   if algorithm else 1.0,
+                                                   copy_elements=kernels.bsr_extra_copy(geom, self.params, self.block)
+                                                   if self.sparse else 0)
         x = mutator.visit_expr(x_orig)
         flat = kernels.conv2d_takes_flat_input(geom, self.params, self.block if kind == "bsr" else None)
         by_channels = kind == "dense" and not flat and _small_map_1x1(geom)

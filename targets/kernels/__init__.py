@@ -25,7 +25,7 @@ One kernel family per module:
 
 from .batch_matmul import batch_matmul
 from .bsr import BSR, bsr_matmul, scaled_indices, to_bsr
-from .conv import conv2d, conv2d_takes_flat_input, conv_buffer_bytes
+from .conv import bsr_extra_copy, conv2d, conv2d_takes_flat_input, conv_buffer_bytes
 from .conv_layout import ConvGeom, bsr_conv_tile, pack_conv_weight
 from .conv_planes import plane_offsets
 from .conv_winograd import winograd_speedup
@@ -38,7 +38,8 @@ from .rows import layer_norm, softmax
 from .source import ACTIVATIONS, CpuKernelParams, Kernel
 
 __all__ = [
-    "ACTIVATIONS", "BSR", "ConvGeom", "CpuKernelParams", "Kernel", "batch_matmul", "bsr_conv_tile", "bsr_matmul",
+    "ACTIVATIONS", "BSR", "ConvGeom", "CpuKernelParams", "Kernel", "batch_matmul", "bsr_conv_tile", "bsr_extra_copy",
+    "bsr_matmul",
     "conv2d", "conv2d_takes_flat_input", "conv_buffer_bytes", "dense_matmul", "depthwise_conv2d", "expand_depthwise",
     "expand_group_size", "layer_norm", "max_pool2d",
     "pack_conv_weight", "pack_dense_weight", "plane_offsets", "scaled_indices", "softmax", "to_bsr", "winograd_speedup",

@@ -96,6 +96,13 @@ def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, in
     return 4 * g.k * _ceil(g.pixels, tile) * tile
 
 
+def bsr_extra_copy(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int]) -> int:
+    """Elements per image that the BSR form copies beyond the direct dense forms: an im2col matrix (K x pixels)
+    where those read planes (small maps), the output's compaction; what ``cost.estimate(copy_elements=)`` charges."""
+    extra = conv_buffer_bytes(g, params, block) - conv_buffer_bytes(g, params, None, winograd=False)
+    return max(extra // 4, 0)
+
+
 def conv2d(
     name: str,
     g: ConvGeom,
