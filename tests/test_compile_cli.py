@@ -95,27 +95,6 @@ def test_bind_dims_compiles_a_static_bundle(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "[8, 1, 8, 8]" in err
 
 
-def test_no_winograd_computes_every_product(tmp_path, capsys):
-    """The digits CNN's 3x3 stride-1 layers run by Winograd by default (F(4x4, 3x3) on its 8x8 maps, F(2x2, 3x3)
-    on 4x4), the manifest says which; ``--no-winograd`` computes every product, as close to ONNX Runtime as the
-    direct sums."""
-    images = np.load(MODELS / "digits_eval.npz")["image"][:8]
-    expected = ort.InferenceSession(str(MODELS / "digits_cnn.onnx")).run(None, {"image": images})[0]
-    errors = {}
-    for flag in ([], ["--no-winograd"]):
-        bundle = tmp_path / ("exact" if flag else "default")
-        assert main(["compile", str(MODELS / "digits_cnn.onnx"), "--target", "x86", "-o", str(bundle), *flag]) == 0
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        tiles = sorted({layer["winograd"] for layer in manifest["layers"] if layer["winograd"]})
-        assert manifest["winograd"] is not bool(flag) and tiles == ([] if flag else [2, 4])
-        np.save(tmp_path / "x.npy", images)
-        assert main(["run", str(bundle), "--input", f"image={tmp_path / 'x.npy'}", "--output",
-                     str(tmp_path / "y.npz")]) == 0
-        errors[bool(flag)] = np.abs(np.load(tmp_path / "y.npz")["logits"] - expected).max()
-    capsys.readouterr()
-    assert errors[True] < 1e-5 and errors[False] < 1e-4, errors
-
-
 @pytest.mark.parametrize("args,fragment", [
     (["--bind-dims"], "--dim NAME=SIZE"),
     (["--bind-dims", "--dim", "seq=4"], "--dim seq names no dynamic axis"),

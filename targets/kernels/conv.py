@@ -1,7 +1,7 @@
 """``conv2d``: NCHW convolution (OIHW weights, groups == 1) as W[co, (ci, kh, kw)] @ im2col[(ci, kh, kw), pixels]
 per image, dense (packed W broadcast) or BSR (blocks broadcast), vectorised over output pixels; or, where it costs
 less, over shifted views of padded planes (conv_planes.py), vectorised over output channels (conv_channels.py), or
-by Winograd's F(2x2, 3x3) (conv_winograd.py, dense 3x3 stride 1)."""
+by Winograd's F(4x4, 3x3) or F(2x2, 3x3) (conv_winograd.py, dense 3x3 stride 1)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def _form(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -
 def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None,
                       winograd: bool = True) -> int:
     """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
-    pixel vectors, the output with its extra columns), the im2col matrix, or nothing (1x1 on whole tiles)."""
+    pixel vectors, the output with its extra columns), the im2col matrix, Winograd's transposed planes and
+    transformed operands, or nothing (1x1 on whole tiles)."""
     if block is None and winograd and winograd_pays(g, params):
         return winograd_buffer_bytes(g, params)
     planes, channel_vectors = _form(g, params, block)
