@@ -244,10 +244,10 @@ class Lowering:
         geom = conv_geometry(call)
         if w.shape[1] != c_in or geom.oh <= 0 or geom.ow <= 0:
             return None
-        algorithm = kernels.conv_winograd.choose_algorithm(geom, self.params)[0] if self.winograd else None
+        algorithm, winograd_speedup = (kernels.conv_winograd.choose_algorithm(geom, self.params) if self.winograd
+                                       else (None, 1.0))
         kind, bsr, density, speedup = self._choose(geom.pixels, geom.k, geom.c_out, w_out_in, conv=True,
-                                                   dense_speedup=kernels.winograd_speedup(geom, self.params)
-                                                   if algorithm else 1.0,
+                                                   dense_speedup=winograd_speedup,
                                                    copy_elements=kernels.bsr_extra_copy(geom, self.params, self.block)
                                                    if self.sparse else 0)
         x = mutator.visit_expr(x_orig)

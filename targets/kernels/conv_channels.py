@@ -37,11 +37,17 @@ def channel_tiles(g: ConvGeom, params: CpuKernelParams) -> list[_Tiles]:
     tile that divides the row, else the one that leaves the widest last tile; an odd last vector gets a tile of
     its own with up to 20 pixels (lone 3x3 layers, one thread: 7-10 pixels 48-55 GMAC/s, 12 pixels 42-55, two
     vectors of 14 or four of 7 spilled registers: 16-22)."""
-    vectors_total = _ceil(g.c_out, params.lanes)
-    vectors = min(vectors_total, VECTORS)
-    full, rest = divmod(vectors_total, vectors)
-    kinds = [(0, full, vectors)] + ([(full, 1, rest)] if rest else [])
-    return [_Tiles(first, count, v, *_row_tiles(g.ow, v, params)) for first, count, v in kinds]
+    return [_Tiles(first, count, v, *_row_tiles(g.ow, v, params))
+            for first, count, v in channel_tile_kinds(g.c_out, params)]
+
+
+def channel_tile_kinds(c_out: int, params: CpuKernelParams) -> list[tuple[int, int, int]]:
+    """(first tile, tile count, vectors per tile): tiles of VECTORS output-channel vectors, then an odd last
+    vector alone (also Winograd's product tiles, conv_winograd.py)."""
+    total = _ceil(c_out, params.lanes)
+    vectors = min(total, VECTORS)
+    full, rest = divmod(total, vectors)
+    return [(0, full, vectors)] + ([(full, 1, rest)] if rest else [])
 
 
 def _row_tiles(ow: int, vectors: int, params: CpuKernelParams) -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv_channels import ACCUMULATORS, VECTORS, inside_products
+from .conv_channels import ACCUMULATORS, VECTORS, channel_tile_kinds, inside_products
 from .conv_layout import ConvGeom, _images_per_launch, pack_conv_weight
 from .source import CpuKernelParams, Kernel, _ceil, _copy_loop, _epilogue, _loop, _parse, _Src, _zero_accumulators
 
@@ -111,12 +111,8 @@ def _product_tiles(c_out: int, tiles: int, params: CpuKernelParams) -> list[_Til
     """Two vectors of output channels times up to 10 tiles (conv_channels.py's register tile), the widest count
     that divides the tiles, else the one that leaves the fewest padding rows; an odd last vector gets a kind of
     its own with up to twice the positions."""
-    total = _ceil(c_out, params.lanes)
-    vectors = min(total, VECTORS)
-    full, rest = divmod(total, vectors)
-    kinds = [(0, full, vectors)] + ([(full, 1, rest)] if rest else [])
     out = []
-    for first, count, v in kinds:
+    for first, count, v in channel_tile_kinds(c_out, params):
         widest = max(1, min(tiles, ACCUMULATORS // v, params.acc_regs // v))
         positions = min(range(widest, widest // 2, -1), key=lambda p: (_ceil(tiles, p) * p, -p))
         out.append(_Tiles(first, count, v, positions))
@@ -132,9 +128,9 @@ def _layout(g: ConvGeom, params: CpuKernelParams, images: int, alg: Algorithm) -
                    _ceil(g.c_out, width) * width, tiles, rows, alg.planes)
 
 
-def winograd_buffer_bytes(g: ConvGeom, params: CpuKernelParams) -> int:
-    """Bytes per image of this form's buffers: the transposed planes, V and M."""
-    return 4 * _layout(g, params, 1, choose_algorithm(g, params)[0] or F2).buffer_floats()
+def winograd_buffer_bytes(g: ConvGeom, params: CpuKernelParams, alg: Algorithm | None = None) -> int:
+    """Bytes per image of this form's buffers (``alg``, else the one chosen): the transposed planes, V and M."""
+    return 4 * _layout(g, params, 1, alg or choose_algorithm(g, params)[0] or F2).buffer_floats()
 
 
 def winograd_pays(g: ConvGeom, params: CpuKernelParams) -> bool:
@@ -200,7 +196,7 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
     transform (Y, with the bias and activation)."""
     alg = alg or choose_algorithm(g, params)[0] or F2
     lanes, t = params.lanes, alg.t
-    images = _images_per_launch(n_static, 4 * _layout(g, params, 1, alg).buffer_floats())
+    images = _images_per_launch(n_static, winograd_buffer_bytes(g, params, alg))
     lay = _layout(g, params, images, alg)
     kinds = _product_tiles(g.c_out, lay.tiles, params)
     width = kinds[0].vectors * lanes
