@@ -33,6 +33,9 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
 * ``winograd``: dense 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) (kernels/conv_winograd.py) against the
   direct forms, on ResNet's 3x3 shapes and narrower (pruned) ones alone and in ResNet-18, ResNet-50, the 56x56 CNN
   and the digits CNN of models/ (batch 1 and 8).
+* ``winograd_stride2``: dense 3x3 stride-2 convolutions by the stride-2 F(4x4, 3x3) and F(2x2, 3x3) too
+  (kernels/conv_winograd.py ``STRIDED``) against stride-1 layers only, on ResNet's stride-2 3x3 shapes and pruned
+  ones alone and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -99,7 +102,7 @@ def _efficientnet_lite0(testing):
 
 
 RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
-         "channel_vectors", "parallel_copy", "padding_taps", "glue_vectors", "winograd")
+         "channel_vectors", "parallel_copy", "padding_taps", "glue_vectors", "winograd", "winograd_stride2")
 
 # dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
 RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
@@ -229,6 +232,16 @@ def rule_switch(rule: str):
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
                                    ("resnet50", 1)))
         return (lambda on: setattr(conv_winograd, "WINOGRAD", on)), models
+    if rule == "winograd_stride2":
+        from spc.targets.kernels import conv_winograd
+
+        shapes = [(ci, co, n) for ci, co, n, k, s in RESNET_CONVS if (k, s) == (3, 2)]
+        shapes += [(48, 80, 56), (32, 64, 28), (32, 64, 8)]  # pruned widths, the digits CNN's 8x8 -> 4x4 layer
+        models = {f"conv 3x3/2, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n: lone_conv(ci, co, n, 3, 2),
+                                                          [1, ci, n, n])
+                  for ci, co, n in shapes}
+        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18"))))
+        return (lambda on: setattr(conv_winograd, "STRIDED", on)), models
     if rule == "glue_vectors":
         from spc.targets import glue_schedule
 
@@ -302,7 +315,8 @@ def main(argv=None) -> int:
         rows.append(row)
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
                "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K",
-               "padding_taps": "all taps", "glue_vectors": "whole rows", "winograd": "direct"}.get(
+               "padding_taps": "all taps", "glue_vectors": "whole rows", "winograd": "direct",
+               "winograd_stride2": "stride 1 only"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

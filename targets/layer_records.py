@@ -31,7 +31,7 @@ class LayerRecord:
     expected_speedup: float = 1.0  # predicted time(dense) / time(chosen kernel)
     fused: list[str] = field(default_factory=list)
     reason: str = ""
-    winograd: int | None = None  # m where a dense 3x3 conv runs by Winograd's F(m x m, 3x3)
+    winograd: int | None = None  # m where a dense 3x3 conv runs by Winograd's F(m x m, 3x3) (at its stride)
 
     def to_json(self) -> dict:
         return asdict(self)

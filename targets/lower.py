@@ -99,7 +99,7 @@ class Lowering:
         winograd: bool = True,
     ):
         self.spec = spec
-        self.winograd = winograd  # dense 3x3 stride-1 convolutions by Winograd where it pays (kernels.conv2d)
+        self.winograd = winograd  # dense 3x3 convolutions (stride 1 or 2) by Winograd where it pays (kernels.conv2d)
         self.params = spec.cpu_kernels
         self.block = tuple(block)
         self.weight_index = weight_index or {}

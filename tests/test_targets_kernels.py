@@ -367,22 +367,47 @@ WINOGRAD_CASES = [
     dict(c_in=3, h=5, w=6, c_out=48, pad=(0, 0, 0, 0)),
     dict(c_in=17, h=3, w=3, c_out=7, pad=(0, 0, 0, 0)),
     dict(c_in=32, h=4, w=4, c_out=64, pad=(2, 1, 0, 2)),
+    # stride 2: even and odd maps and padding (the last input column past every tile, or read), a 1x1 output
+    dict(c_in=16, h=16, w=16, c_out=32, pad=(1, 1, 1, 1), stride=(2, 2)),
+    dict(c_in=20, h=15, w=13, c_out=40, pad=(1, 0, 2, 1), stride=(2, 2)),
+    dict(c_in=5, h=9, w=8, c_out=21, pad=(0, 0, 0, 0), stride=(2, 2)),
+    dict(c_in=17, h=3, w=4, c_out=7, pad=(0, 0, 0, 1), stride=(2, 2)),
 ]
+
+
+@pytest.mark.parametrize("name", ["F2", "F4", "S2F2", "S2F4"])
+def test_winograd_transforms_compute_the_strided_correlation(name):
+    """Each algorithm's transforms, from Toom-Cook (and the even/odd split at stride 2), compute m outputs of a
+    3-tap correlation at its stride exactly in float64: A^T ((G w) * (B^T d)) = sum_k w_k d[stride * i + k]; in 2-D
+    (the kernel's use) the same with the transforms on both sides."""
+    alg = getattr(kernels.conv_winograd, name)
+    rng = np.random.default_rng(5)
+    d, w = rng.standard_normal(alg.span), rng.standard_normal(3)
+    want = [w @ d[alg.stride * i:alg.stride * i + 3] for i in range(alg.m)]
+    np.testing.assert_allclose(alg.at @ ((alg.g @ w) * (alg.bt @ d)), want, rtol=0, atol=1e-12)
+    d2, w2 = rng.standard_normal((alg.span, alg.span)), rng.standard_normal((3, 3))
+    s = alg.stride
+    want2 = [[np.sum(w2 * d2[s * i:s * i + 3, s * j:s * j + 3]) for j in range(alg.m)] for i in range(alg.m)]
+    got2 = alg.at @ ((alg.g @ w2 @ alg.g.T) * (alg.bt @ d2 @ alg.bt.T)) @ alg.at.T
+    np.testing.assert_allclose(got2, want2, rtol=0, atol=1e-11)
+    assert (alg.span, alg.planes) == ((alg.m + 2, (alg.m + 2) ** 2) if s == 1 else (2 * alg.m + 1, (2 * alg.m + 1) ** 2))
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 @pytest.mark.parametrize("batch", ["symbolic", "chunked"])
 @pytest.mark.parametrize("algorithm", ["F2", "F4"])
 def test_conv2d_winograd(case, batch, algorithm, monkeypatch):
-    """Winograd's F(2x2, 3x3) and F(4x4, 3x3) (conv_winograd.py), forced on every 3x3 stride-1 geometry above,
-    against torch in float64: bias and ReLU or a clip, the batch symbolic (one image per launch) or static in
-    parallel chunks of images."""
+    """Winograd's F(2x2, 3x3) and F(4x4, 3x3) (conv_winograd.py), at stride 1 or their stride-2 forms, forced on
+    every geometry above, against torch in float64: bias and ReLU or a clip, the batch symbolic (one image per
+    launch) or static in parallel chunks of images."""
     torch = pytest.importorskip("torch")
-    alg = getattr(kernels.conv_winograd, algorithm)
+    case = {"stride": (1, 1), **case}
+    alg = getattr(kernels.conv_winograd, algorithm if case["stride"] == (1, 1) else "S2" + algorithm)
+    assert (alg.stride,) * 2 == case["stride"]
     monkeypatch.setattr(kernels.conv, "winograd_pays", lambda g, params: kernels.conv_winograd.takes_winograd(g))
     monkeypatch.setattr(kernels.conv_winograd, "choose_algorithm", lambda g, params: (alg, 2.0))
     rng = np.random.default_rng(13)
-    g = kernels.ConvGeom(kh=3, kw=3, stride=(1, 1), dilation=(1, 1), **case)
+    g = kernels.ConvGeom(kh=3, kw=3, dilation=(1, 1), **case)
     n = 2 if batch == "symbolic" else 6
     if batch == "chunked":
         monkeypatch.setattr(kernels.conv_layout, "FOLD_BATCH_BYTES", 2 * kernels.conv_buffer_bytes(g, PARAMS, None) + 4)
@@ -399,7 +424,8 @@ def test_conv2d_winograd(case, batch, algorithm, monkeypatch):
     x = rng.standard_normal((n, g.c_in, g.h, g.w)).astype(np.float32)
     got = _run(_build(kern), kern, [x], (n, g.c_out, g.pixels))
     tx = torch.nn.functional.pad(torch.tensor(x, dtype=torch.float64), (g.pad[1], g.pad[3], g.pad[0], g.pad[2]))
-    ref = torch.nn.functional.conv2d(tx, torch.tensor(w, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    ref = torch.nn.functional.conv2d(tx, torch.tensor(w, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                                     stride=g.stride)
     ref = ref.relu() if act == "relu" else ref.clamp(-1.0, 2.5)
     # the outputs' scale: sums of 9 * c_in products of unit normals; F(4x4, 3x3)'s transforms (entries up to 8 and
     # down to 1/24) lose about 15x more of float32's precision than F(2x2, 3x3)'s (0, +-1, +-1/2)
@@ -411,8 +437,10 @@ def test_conv2d_winograd(case, batch, algorithm, monkeypatch):
 def test_conv2d_winograd_where_it_pays():
     """The dense 3x3 stride-1 layers of ResNet-class models (16-512 channels, 56x56 to 7x7 maps) take F(4x4, 3x3),
     those on 4x4 maps F(2x2, 3x3) (one 6x6 tile would compute 16 outputs for 16 but stream 36 planes of weights),
-    predicted 1.4-3.4x faster than the channel-vector form; 3-channel stems, 8-channel layers, a 3x3 map,
-    strided, dilated, 1x1 and 5x5 layers and block-sparse weights keep the direct forms; and the sparsity plan
+    predicted 1.4-3.4x faster than the channel-vector form; ResNet's stride-2 3x3 layers on 56x56 maps take the
+    stride-2 F(4x4, 3x3) (81 planes), on 28x28 maps F(2x2, 3x3) (25), those on 14x14 and 7x7 maps (deep, few
+    tiles: the transformed weights would stream 9x the direct form's) none; 3-channel stems, 8-channel layers, a 3x3
+    map, stride 3, dilated, 1x1 and 5x5 layers and block-sparse weights keep the direct forms; and the sparsity plan
     counts Winograd's speed in the dense time a block-sparse kernel must beat."""
     def geom(c_in, hw, c_out, k=3, stride=1, dilation=1):
         return kernels.ConvGeom(c_in=c_in, h=hw, w=hw, c_out=c_out, kh=k, kw=k, stride=(stride, stride),
@@ -422,17 +450,22 @@ def test_conv2d_winograd_where_it_pays():
         w = np.ones((g.c_out, g.k), np.float32)
         bsr = kernels.to_bsr(w, block) if block else None
         src = kernels.conv2d("c", g, w, None, None, PARAMS, bsr=bsr, n_static=1).source
-        return next((p for p in (16, 36) if f"W = T.match_buffer(w, ({p}, " in src), None)
+        winograd = "V = T.alloc_buffer" in src  # its transformed input (the direct forms' W can have 16 rows too)
+        return next((p for p in (16, 36, 25, 81) if winograd and f"W = T.match_buffer(w, ({p}, " in src), None)
 
     f4 = [(64, 56), (128, 28), (256, 14), (512, 7), (32, 8), (16, 28), (32, 14)]
     f2 = [(64, 4), (128, 4)]
     assert [planes(geom(c, hw, c)) for c, hw in f4 + f2] == [36] * len(f4) + [16] * len(f2)
     speedups = [kernels.winograd_speedup(geom(c, hw, c), PARAMS) for c, hw in f4 + f2]
     assert 1.4 < min(speedups) and max(speedups) < 3.5, speedups
-    declines = [geom(3, 56, 64), geom(8, 28, 8), geom(128, 3, 128), geom(64, 28, 64, stride=2),
-                geom(64, 28, 64, dilation=2), geom(64, 28, 64, k=1), geom(64, 28, 64, k=5)]
+    strided = [geom(64, 56, 128, stride=2), geom(128, 28, 256, stride=2)]
+    assert [planes(g) for g in strided] == [81, 25]
+    assert 1.2 < min(kernels.winograd_speedup(g, PARAMS) for g in strided) < 1.6
+    declines = [geom(3, 56, 64), geom(8, 28, 8), geom(128, 3, 128), geom(256, 14, 512, stride=2),
+                geom(512, 7, 512, stride=2), geom(64, 28, 64, stride=3), geom(64, 28, 64, dilation=2),
+                geom(64, 28, 64, k=1), geom(64, 28, 64, k=5)]
     assert [planes(g) for g in declines] == [None] * len(declines)
-    assert kernels.winograd_speedup(geom(64, 28, 64, stride=2), PARAMS) == 1.0
+    assert kernels.winograd_speedup(geom(256, 14, 512, stride=2), PARAMS) == 1.0
     assert planes(geom(64, 28, 64), block=(4, 1)) is None
     g = geom(128, 28, 128)
     plain = estimate(g.pixels, g.k, g.c_out, 0.5, (4, 1), PARAMS, SPEC.bsr_efficiency, conv=True)

@@ -13,7 +13,8 @@ One kernel family per module:
 * ``bsr.py``           ``bsr_matmul`` and the block-sparse (BSR) weight format.
 * ``conv.py``          ``conv2d`` through im2col; ``conv_planes.py`` its shifted-view form (pixel vectors);
                        ``conv_channels.py`` the same planes with output-channel vectors; ``conv_winograd.py``
-                       3x3 stride-1 layers by Winograd's F(2x2, 3x3); ``conv_layout.py`` their shared
+                       3x3 layers at stride 1 and 2 by Winograd's F(4x4, 3x3) and F(2x2, 3x3);
+                       ``conv_layout.py`` their shared
                        geometry, tiles and signature.
 * ``batch_matmul.py``  ``batch_matmul`` of two activations (attention).
 * ``rows.py``          ``layer_norm`` and ``softmax`` over the last axis.

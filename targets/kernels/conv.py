@@ -1,7 +1,7 @@
 """``conv2d``: NCHW convolution (OIHW weights, groups == 1) as W[co, (ci, kh, kw)] @ im2col[(ci, kh, kw), pixels]
 per image, dense (packed W broadcast) or BSR (blocks broadcast), vectorised over output pixels; or, where it costs
 less, over shifted views of padded planes (conv_planes.py), vectorised over output channels (conv_channels.py), or
-by Winograd's F(4x4, 3x3) or F(2x2, 3x3) (conv_winograd.py, dense 3x3 stride 1)."""
+by Winograd's F(4x4, 3x3) or F(2x2, 3x3) (conv_winograd.py, dense 3x3 at stride 1 or 2)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def conv2d(
     caller reshapes (free in Relax). ``conv2d_takes_flat_input`` says which. The right operand is shifted views
     of padded planes where they cost less than im2col (``_shifted_planes``), else an im2col matrix, or the input
     itself; a dense layer reads the planes vectorised over output channels instead where that costs less
-    (conv_channels.py), and a 3x3 stride-1 one by Winograd's F(4x4, 3x3) or F(2x2, 3x3) where that costs less
+    (conv_channels.py), and a 3x3 one at stride 1 or 2 by Winograd's F(4x4, 3x3) or F(2x2, 3x3) where that costs less
     (conv_winograd.py) unless ``winograd`` is False (every product computed as given, like ONNX Runtime).
     Images go in chunks (all of a static batch when their buffers are small): one parallel
     copy and one parallel product per chunk.

@@ -1,19 +1,26 @@
-"""Dense 3x3 stride-1 convolutions by Winograd's minimal filtering F(m x m, 3x3) (``_conv2d_winograd``):
+"""Dense 3x3 convolutions at stride 1 and 2 by Winograd's minimal filtering F(m x m, 3x3) (``_conv2d_winograd``):
 F(2x2, 3x3) computes 16 multiplies per 2x2 output tile and input/output channel pair instead of 36 (2.25x fewer),
 F(4x4, 3x3) 36 per 4x4 tile instead of 144 (4x fewer). ONNX Runtime's MLAS convolutions compute every product.
 
-Each t x t input patch d (t = m + 2, overlapping by 2) becomes V = B^T d B, each filter g becomes U = G g G^T (once,
-when the kernel is built), the t x t elementwise products are summed over input channels, i.e. t * t independent
+Each p x p input patch d (p = m + 2, overlapping by 2) becomes V = B^T d B, each filter g becomes U = G g G^T (once,
+when the kernel is built), the p x p elementwise products are summed over input channels, i.e. p * p independent
 matrix products M[xi] = V[xi] @ U[xi] over (tiles x input channels) @ (input channels x output channels), and each
-tile's output is A^T M A (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). Precision:
-F(2x2, 3x3)'s transforms hold 0, +-1 and +-1/2, so float32 results stay within a few ulps of the sums' magnitude;
-F(4x4, 3x3)'s (points 0, +-1, +-2: entries up to 8 and down to 1/24) lose about 15x more, errors of about 1e-5
-of the sums' magnitude (both measured against float64 in the tests). Which one runs, if any, is a per-layer
-choice by predicted time (``choose_algorithm``).
+tile's output is A^T M A (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The
+transforms come from Toom-Cook at small points (``toom_cook``). Precision: F(2x2, 3x3)'s transforms hold 0, +-1
+and +-1/2, so float32 results stay within a few ulps of the sums' magnitude; F(4x4, 3x3)'s (points 0, +-1, +-2:
+entries up to 8 and down to 1/24) lose about 15x more, errors of about 1e-5 of the sums' magnitude (both measured
+against float64 in the tests).
+
+At stride 2 a tile of m outputs reads 2m + 1 inputs: the even ones meet the filter's taps 0 and 2, a 2-tap
+correlation (F(m, 2), m + 1 values), the odd ones tap 1 alone (m values), so each dimension has 2m + 1 values and
+a tile (2m + 1)^2 products: 25 per 2x2 tile instead of 36, 81 per 4x4 tile instead of 144 (``_strided``; the
+sub-convolution split of Yang et al., "Stride 2 1-D, 2-D, and 3-D Winograd for CNNs", 2020, in one transform). The
+same code runs both strides; only the transforms' shapes and the tiles' step differ. Which algorithm runs, if any,
+is a per-layer choice by predicted time (``choose_algorithm``).
 
 Layout, chosen so that every stage runs on whole vectors: the input goes once into zero-padded planes transposed to
 channels last (XT[row, column, channel], channels rounded up to whole vectors); the input transform then works on
-channel vectors, rows first (t small buffers that stay in registers), then columns; the products are the
+channel vectors, rows first (p small buffers that stay in registers), then columns; the products are the
 channel-vector tiles of conv_channels.py (a weight vector per input channel times broadcast values of consecutive
 tiles); the output transform reads channel vectors of M and stores the m x m outputs of each tile element by
 element into NCHW.
@@ -22,6 +29,7 @@ element into NCHW.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -30,21 +38,58 @@ from .conv_layout import ConvGeom, _images_per_launch, pack_conv_weight
 from .source import CpuKernelParams, Kernel, _ceil, _copy_loop, _epilogue, _loop, _parse, _Src, _zero_accumulators
 
 WINOGRAD = True  # False: the direct forms for every convolution (A/B timing)
+STRIDED = True  # False: stride-1 layers only (A/B timing of the stride-2 algorithms)
 
 
 def takes_winograd(g: ConvGeom) -> bool:
-    """The geometry these algorithms compute: a 3x3 kernel at stride 1 without dilation (any padding)."""
-    return WINOGRAD and (g.kh, g.kw) == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1)
+    """The geometry these algorithms compute: a 3x3 kernel at stride 1 or 2 without dilation (any padding)."""
+    strides = ((1, 1), (2, 2)) if STRIDED else ((1, 1),)
+    return WINOGRAD and (g.kh, g.kw) == (3, 3) and g.stride in strides and g.dilation == (1, 1)
+
+
+def toom_cook(m: int, r: int, points: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B^T, G, A^T) of F(m, r), the 1-D correlation of m outputs with an r-tap filter, by Toom-Cook at the finite
+    ``points`` (m + r - 2 of them) and infinity: A^T holds the points' powers, G the filter polynomial's values over
+    the Lagrange denominators, and B^T is the unique matrix with A^T ((G w) * (B^T d)) = the correlation for every
+    w and d (solved, then rounded to the small fractions it is made of)."""
+    n = m + r - 1
+    assert len(points) == n - 1, "m + r - 2 finite points"
+    at, g = np.zeros((m, n)), np.zeros((n, r))
+    for j, p in enumerate(points):
+        at[:, j] = float(p) ** np.arange(m)
+        g[j] = float(p) ** np.arange(r) / np.prod([p - q for q in points if q != p])
+    at[m - 1, n - 1] = g[n - 1, r - 1] = 1
+    products = np.array([at[i] * g[:, k] for i in range(m) for k in range(r)])
+    shifts = np.array([np.eye(n)[i + k] for i in range(m) for k in range(r)])
+    bt = np.linalg.lstsq(products, shifts, rcond=None)[0]
+    bt = np.vectorize(lambda v: float(Fraction(v).limit_denominator(720)))(bt)
+    assert np.allclose(products @ bt, shifts, atol=1e-12), "the points give no exact algorithm"
+    return bt, g, at
+
+
+def _strided(m: int, points: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B^T, G, A^T) of a 3-tap filter at stride 2 over m outputs (inputs d_0 .. d_2m): the even inputs meet taps
+    0 and 2 (F(m, 2) at ``points``), the odd ones tap 1 (one product each), and A^T adds the two phases' outputs.
+    (m + 1 + m) values per dimension instead of 3m products."""
+    bt2, g2, at2 = toom_cook(m, 2, points)
+    n = len(g2)
+    bt, g, at = np.zeros((n + m, 2 * m + 1)), np.zeros((n + m, 3)), np.zeros((m, n + m))
+    bt[:n, 0::2], g[:n, 0::2], at[:, :n] = bt2, g2, at2
+    for i in range(m):
+        bt[n + i, 2 * i + 1] = g[n + i, 1] = at[i, n + i] = 1
+    return bt, g, at
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """F(m x m, 3x3): output tiles of m x m from input patches of t x t (t = m + 2), transforms B^T, G, A^T, and
-    its time in vector FMAs (fitted: ``choose_algorithm``) per streamed weight vector, per tile and input vector
-    (the transposing copy and the input transform), per tile and output vector (the output transform) and per
-    output element stored."""
+    """F(m x m, 3x3) at ``stride``: output tiles of m x m from input patches of ``span`` x ``span`` (overlapping
+    by span - m * stride), transforms B^T (p x span), G (p x 3), A^T (m x p) with p values per dimension, and its
+    time in vector FMAs (fitted: ``choose_algorithm``) per streamed weight vector, per tile and input vector (the
+    transposing copy and the input transform), per tile and output vector (the output transform) and per output
+    element stored."""
 
     m: int
+    stride: int
     bt: np.ndarray
     g: np.ndarray
     at: np.ndarray
@@ -54,28 +99,35 @@ class Algorithm:
     store_fmas: float
 
     @property
-    def t(self) -> int:
-        return self.m + 2
+    def p(self) -> int:
+        """Values per tile and dimension."""
+        return len(self.bt)
+
+    @property
+    def span(self) -> int:
+        """Input rows (and columns) a tile reads."""
+        return self.bt.shape[1]
+
+    @property
+    def step(self) -> int:
+        """Input rows (and columns) from one tile to the next."""
+        return self.m * self.stride
 
     @property
     def planes(self) -> int:
-        """Values per tile: t x t independent products."""
-        return self.t * self.t
+        """Values per tile: p x p independent products."""
+        return self.p * self.p
 
 
-F2 = Algorithm(2, np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
-               np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),
-               np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64), 0, 92, 43, 0.63)
-F4 = Algorithm(4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-                            [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64),
-               np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64),
-               np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
-                        dtype=np.float64), 1.0, 396, 125, 0.57)
+F2 = Algorithm(2, 1, *toom_cook(2, 3, (0, 1, -1)), 0, 92, 43, 0.63)
+F4 = Algorithm(4, 1, *toom_cook(4, 3, (0, 1, -1, 2, -2)), 1.0, 396, 125, 0.57)
+# stride 2: 25 products per 2x2 tile instead of 36 (1.44x fewer), 81 per 4x4 tile instead of 144 (1.78x)
+S2F2 = Algorithm(2, 2, *_strided(2, (0, 1)), 0.13, 365, 72, 0)
+S2F4 = Algorithm(4, 2, *_strided(4, (0, 1, -1, 2)), 1.1, 1233, 144, 0.5)
 # the channel-vector form's time beside them, in vector FMAs per weight vector streamed and per element stored
 DIRECT_WEIGHT_FMAS = 0.36
 DIRECT_STORE_FMAS = 1.55
-ALGORITHMS = (F2, F4)
+ALGORITHMS = (F2, F4, S2F2, S2F4)
 
 
 @dataclass(frozen=True)
@@ -84,7 +136,7 @@ class _Layout:
 
     th: int  # tile rows (m output rows each)
     tw: int  # tile columns
-    hp: int  # rows of the padded, transposed input: m * th + 2
+    hp: int  # rows of the padded, transposed input: step * th + span - step
     wp: int  # its columns
     cp: int  # input channels rounded up to whole vectors
     cop: int  # output channels rounded up to whole weight tiles
@@ -124,13 +176,19 @@ def _layout(g: ConvGeom, params: CpuKernelParams, images: int, alg: Algorithm) -
     width = min(_ceil(g.c_out, params.lanes), VECTORS) * params.lanes
     tiles = images * th * tw
     rows = max(_ceil(tiles, k.positions) * k.positions for k in _product_tiles(g.c_out, tiles, params))
-    return _Layout(th, tw, alg.m * th + 2, alg.m * tw + 2, _ceil(g.c_in, params.lanes) * params.lanes,
+    overlap = alg.span - alg.step
+    return _Layout(th, tw, alg.step * th + overlap, alg.step * tw + overlap, _ceil(g.c_in, params.lanes) * params.lanes,
                    _ceil(g.c_out, width) * width, tiles, rows, alg.planes)
 
 
 def winograd_buffer_bytes(g: ConvGeom, params: CpuKernelParams, alg: Algorithm | None = None) -> int:
     """Bytes per image of this form's buffers (``alg``, else the one chosen): the transposed planes, V and M."""
-    return 4 * _layout(g, params, 1, alg or choose_algorithm(g, params)[0] or F2).buffer_floats()
+    return 4 * _layout(g, params, 1, alg or _chosen(g, params)).buffer_floats()
+
+
+def _chosen(g: ConvGeom, params: CpuKernelParams) -> Algorithm:
+    """The algorithm ``choose_algorithm`` takes, else the smaller one of the layer's stride."""
+    return choose_algorithm(g, params)[0] or (F2 if g.stride == (1, 1) else S2F2)
 
 
 def winograd_pays(g: ConvGeom, params: CpuKernelParams) -> bool:
@@ -147,13 +205,16 @@ def winograd_speedup(g: ConvGeom, params: CpuKernelParams) -> float:
 
 def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | None, float]:
     """(the algorithm predicted fastest, its predicted speed-up over the channel-vector form), or (None, 1.0).
-    All in vector FMAs per image: the products (t x t per tile, input channel and output vector; the direct form's
+    All in vector FMAs per image: the products (p x p per tile, input channel and output vector; the direct form's
     inside taps, conv_channels.py), the weights streamed once per launch, each transform per tile and channel
     vector, the element stores; odd maps pay for whole tiles. Fitted on 92 lone layers (8-512 channels, 4x4 to
     56x56 maps, one thread, AVX-512; the three forms' timings side by side): on those with at least a vector of
     input channels the choice ran within 5% of the fastest form on every layer. Layers with fewer input channels
     (stems) keep the direct form: the transforms work on whole vectors of channels, and on 8-channel layers the
-    rule mispredicted either way (Winograd 0.74-2.4x)."""
+    rule mispredicted either way (Winograd 0.74-2.4x). The stride-2 algorithms' terms were fitted the same way on
+    29 lone layers (16-512 channels, 8x8 to 56x56 input maps; the direct form's per-FMA time as the unit): the
+    choice ran within 5% of the fastest form on 25, 8-29% slower on four (16x16 to 56x56 maps where both tiles
+    predict alike); where taken, 1.0-1.5x the direct form (1.3-1.5x on 56x56 maps)."""
     if not takes_winograd(g) or g.c_in < params.lanes:
         return None, 1.0
     lanes = params.lanes
@@ -162,7 +223,7 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
     weights = g.c_in * _layout(g, params, 1, F2).cop // lanes  # vectors per tap of the weights, as packed
     direct = co_vectors * inside_products(g) + DIRECT_WEIGHT_FMAS * 9 * weights + DIRECT_STORE_FMAS * stores
     best, best_cost = None, direct
-    for alg in ALGORITHMS:
+    for alg in (alg for alg in ALGORITHMS if (alg.stride,) * 2 == g.stride):
         lay = _layout(g, params, 1, alg)
         cost = (alg.planes * lay.rows * g.c_in * lay.cop // lanes + alg.weight_fmas * alg.planes * weights
                 + lay.tiles * alg.input_fmas * lay.cp // lanes + lay.tiles * alg.output_fmas * co_vectors
@@ -173,7 +234,7 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
 
 
 def winograd_weights(w: np.ndarray, width: int, alg: Algorithm = F2) -> np.ndarray:
-    """OIHW 3x3 weights -> U = G w G^T packed [t * t, Co / width, Ci, width] (pack_conv_weight per value)."""
+    """OIHW 3x3 weights -> U = G w G^T packed [p * p, Co / width, Ci, width] (pack_conv_weight per value)."""
     u = np.einsum("ik,ockl,jl->ijoc", alg.g, w.astype(np.float64), alg.g).reshape(alg.planes, *w.shape[:2])
     return np.ascontiguousarray(np.stack([pack_conv_weight(u[xi].astype(np.float32), width)
                                           for xi in range(alg.planes)]))
@@ -191,11 +252,12 @@ def _combination(coefficients: np.ndarray, term) -> str:
 
 def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndarray | None, act,
                      params: CpuKernelParams, n_static: int | None, alg: Algorithm | None = None) -> Kernel:
-    """Y[n, co, oh * OW + ow] of a 3x3 stride-1 convolution by F(m x m, 3x3) (``alg``, else ``choose_algorithm``'s,
-    else F2), in four parallel stages per launch: copy (XT), input transform (V), t x t products (M), output
+    """Y[n, co, oh * OW + ow] of a 3x3 convolution by F(m x m, 3x3) at its stride (``alg``, else
+    ``choose_algorithm``'s, else the smaller one), in four parallel stages per launch: copy (XT), input transform
+    (V), p x p products (M), output
     transform (Y, with the bias and activation)."""
-    alg = alg or choose_algorithm(g, params)[0] or F2
-    lanes, t = params.lanes, alg.t
+    alg = alg or _chosen(g, params)
+    lanes = params.lanes
     images = _images_per_launch(n_static, winograd_buffer_bytes(g, params, alg))
     lay = _layout(g, params, images, alg)
     kinds = _product_tiles(g.c_out, lay.tiles, params)
@@ -234,26 +296,26 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
 
 
 def _input_transform(a: _Src, lay: _Layout, alg: Algorithm, images: int, lanes: int) -> None:
-    """V = B^T d B per tile and input-channel vector, rows first (into t small buffers, kept in registers), then
+    """V = B^T d B per tile and input-channel vector, rows first (into p small buffers, kept in registers), then
     columns; one (parallel) loop over (image, tile row)."""
-    t, m = alg.t, alg.m
+    p, span, step = alg.p, alg.span, alg.step
     plane = lay.hp * lay.wp * lay.cp
     a(2, f"for q in {_copy_loop(images * plane * 2)}({images * lay.th}):")
     a(3, f"for tj in range({lay.tw}):")
     a(4, f"for cv in range({lay.cp // lanes}):")
-    rows = [a.fresh("bd") for _ in range(t)]
+    rows = [a.fresh("bd") for _ in range(p)]
     for buf in rows:
-        a(5, f'{buf} = T.alloc_buffer(({t * lanes},), "float32")')
+        a(5, f'{buf} = T.alloc_buffer(({span * lanes},), "float32")')
     a(5, f"for v in T.vectorized({lanes}):")
-    patch = (f"XT[q // {lay.th} * {plane} + ((q % {lay.th} * {m} + {{r}}) * {lay.wp} + tj * {m} + {{c}}) * {lay.cp}"
-             f" + cv * {lanes} + v]")
-    for i in range(t):
-        for c in range(t):
+    patch = (f"XT[q // {lay.th} * {plane} + ((q % {lay.th} * {step} + {{r}}) * {lay.wp} + tj * {step} + {{c}})"
+             f" * {lay.cp} + cv * {lanes} + v]")
+    for i in range(p):
+        for c in range(span):
             a(6, f"{rows[i]}[{c * lanes} + v] = " + _combination(alg.bt[i], lambda r, c=c: patch.format(r=r, c=c)))
     row = f"(q * {lay.tw} + tj) * {lay.cp} + cv * {lanes} + v"
-    for i in range(t):
-        for j in range(t):
-            a(6, f"V[{(i * t + j) * lay.rows * lay.cp} + {row}] = "
+    for i in range(p):
+        for j in range(p):
+            a(6, f"V[{(i * p + j) * lay.rows * lay.cp} + {row}] = "
                  + _combination(alg.bt[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]"))
 
 
@@ -270,16 +332,17 @@ def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int) -> None:
     if pl:
         a(4, f"for z in range({pl * lay.cp}):")
         a(5, f"XT[{base} + z] = T.float32(0)")
-    a(4, f"for j in range({g.w}):")
+    cols = min(g.w, lay.wp - pl)  # at stride 2 the last input column may lie past every tile
+    a(4, f"for j in range({cols}):")
     a(5, f"for ci in range({g.c_in}):")
     a(6, f"XT[{base} + ({pl} + j) * {lay.cp} + ci] = X[{img}, ci, {ih}, j]")
     if lay.cp > g.c_in:
-        a(4, f"for j in range({g.w}):")
+        a(4, f"for j in range({cols}):")
         a(5, f"for z in range({lay.cp - g.c_in}):")
         a(6, f"XT[{base} + ({pl} + j) * {lay.cp} + {g.c_in} + z] = T.float32(0)")
-    if lay.wp > pl + g.w:
-        a(4, f"for z in range({(lay.wp - pl - g.w) * lay.cp}):")
-        a(5, f"XT[{base} + {(pl + g.w) * lay.cp} + z] = T.float32(0)")
+    if lay.wp > pl + cols:
+        a(4, f"for z in range({(lay.wp - pl - cols) * lay.cp}):")
+        a(5, f"XT[{base} + {(pl + cols) * lay.cp} + z] = T.float32(0)")
     a(3, "else:")
     a(4, f"for z in range({row_floats}):")
     a(5, f"XT[{base} + z] = T.float32(0)")
@@ -312,7 +375,7 @@ def _output_transform(a: _Src, g: ConvGeom, lay: _Layout, alg: Algorithm, images
     """Y = A^T M A (+ bias) (activation) per tile and output-channel vector, rows first (into m small buffers),
     stored element by element; one (parallel) loop over (image, tile row). The rows and columns of the last
     tiles past the map's edge are left out."""
-    t, m = alg.t, alg.m
+    p, m = alg.p, alg.m
     co_vectors = _ceil(g.c_out, lanes)
     a(2, f"for q in {_copy_loop(images * lay.th * lay.tw * co_vectors * lanes * m * m)}({images * lay.th}):")
     img = f"(nc * {images} + q // {lay.th})" if images > 1 else "nc"
@@ -321,15 +384,15 @@ def _output_transform(a: _Src, g: ConvGeom, lay: _Layout, alg: Algorithm, images
     a(4, f"for cv in range({co_vectors}):")
     rows, outs = [a.fresh("am") for _ in range(m)], [a.fresh("out") for _ in range(m)]
     for buf in rows:
-        a(5, f'{buf} = T.alloc_buffer(({t * lanes},), "float32")')
+        a(5, f'{buf} = T.alloc_buffer(({p * lanes},), "float32")')
     for buf in outs:
         a(5, f'{buf} = T.alloc_buffer(({m * lanes},), "float32")')
     a(5, f"for v in T.vectorized({lanes}):")
     mrow = f"(q * {lay.tw} + tj) * {lay.cop} + cv * {lanes} + v"
     for i in range(m):
-        for c in range(t):
+        for c in range(p):
             a(6, f"{rows[i]}[{c * lanes} + v] = "
-                 + _combination(alg.at[i], lambda r, c=c: f"M[{(r * t + c) * lay.rows * lay.cop} + {mrow}]"))
+                 + _combination(alg.at[i], lambda r, c=c: f"M[{(r * p + c) * lay.rows * lay.cop} + {mrow}]"))
     for i in range(m):
         for j in range(m):
             total = _combination(alg.at[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]")
