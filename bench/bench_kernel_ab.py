@@ -36,6 +36,9 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
 * ``winograd_stride2``: dense 3x3 stride-2 convolutions by the stride-2 F(4x4, 3x3) and F(2x2, 3x3) too
   (kernels/conv_winograd.py ``STRIDED``) against stride-1 layers only, on ResNet's stride-2 3x3 shapes and pruned
   ones alone and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8).
+* ``winograd_copy``: Winograd's transposing copy in blocks of a vector of channels x 4 columns
+  (kernels/conv_winograd.py ``COPY_BLOCK``) against element by element, on 3x3 layers alone (wide and pruned, both
+  strides) and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8).
 
     python bench/bench_kernel_ab.py --rule maxpool          # was bench/bench_pool.py
     python bench/bench_kernel_ab.py --rule depthwise --rounds 15 --out depthwise.json
@@ -102,7 +105,8 @@ def _efficientnet_lite0(testing):
 
 
 RULES = ("maxpool", "depthwise", "clip", "pad", "expand_depthwise", "depthwise_flat", "small_1x1", "row_block",
-         "channel_vectors", "parallel_copy", "padding_taps", "glue_vectors", "winograd", "winograd_stride2")
+         "channel_vectors", "parallel_copy", "padding_taps", "glue_vectors", "winograd", "winograd_stride2",
+         "winograd_copy")
 
 # dense convolutions of ResNet-18 and the 56x56 CNN: (in, out, input size, kernel, stride), padding kernel // 2
 RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (128, 128, 28, 3, 1),
@@ -242,6 +246,16 @@ def rule_switch(rule: str):
                   for ci, co, n in shapes}
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18"))))
         return (lambda on: setattr(conv_winograd, "STRIDED", on)), models
+    if rule == "winograd_copy":
+        from spc.targets.kernels import conv_winograd
+
+        shapes = [(64, 64, 56, 1), (128, 128, 28, 1), (512, 512, 7, 1), (16, 16, 56, 1), (32, 32, 28, 1),
+                  (16, 80, 28, 1), (64, 128, 56, 2), (48, 80, 56, 2)]
+        models = {f"conv 3x3/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, s=s: lone_conv(ci, co, n, 3, s),
+                                                            [1, ci, n, n])
+                  for ci, co, n, s in shapes}
+        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18"))))
+        return (lambda on: setattr(conv_winograd, "COPY_BLOCK", 4 if on else 0)), models
     if rule == "glue_vectors":
         from spc.targets import glue_schedule
 
@@ -316,7 +330,7 @@ def main(argv=None) -> int:
         off = {"expand_depthwise": "two kernels", "depthwise_flat": "rows", "small_1x1": "pixel vectors",
                "row_block": "one row", "channel_vectors": "pixel vectors", "parallel_copy": "256K",
                "padding_taps": "all taps", "glue_vectors": "whole rows", "winograd": "direct",
-               "winograd_stride2": "stride 1 only"}.get(
+               "winograd_stride2": "stride 1 only", "winograd_copy": "element copy"}.get(
             args.rule, "TVM")  # what the rule replaces
         row["off"] = off
         print(f"{title}: {off} {row['tvm_ms']:.3f} ms, spc {row['spc_ms']:.3f} ms, {row['speedup']:.2f}x "

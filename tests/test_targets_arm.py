@@ -74,6 +74,30 @@ def test_arm_cnn_dynamic_batch_matches_onnxruntime(runtime, tmp_path):
     np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_arm_winograd_matches_onnxruntime(runtime, tmp_path, monkeypatch, m):
+    """Winograd's 3x3 convolutions with NEON's 4 lanes (blocks of 4 channels x 4 columns in the transposing copy),
+    forced on the CNN's stride-2 16 -> 32 layer (16x16 map) and its stride-1 32 -> 32 layer (8x8): F(m x m, 3x3)
+    at both strides against ONNX Runtime, the batch dynamic."""
+    from spc.targets.kernels import conv_winograd
+
+    def forced(g, params):
+        if not conv_winograd.takes_winograd(g) or g.c_in < params.lanes:
+            return None, 1.0
+        algorithms = {(1, 2): conv_winograd.F2, (1, 4): conv_winograd.F4, (2, 2): conv_winograd.S2F2,
+                      (2, 4): conv_winograd.S2F4}
+        return algorithms[g.stride[0], m], 2.0
+
+    monkeypatch.setattr(conv_winograd, "choose_algorithm", forced)
+    model = testing.cnn(channels=16, size=16)
+    manifest = compile_model(model, "arm", tmp_path)
+    assert [layer["winograd"] for layer in manifest["layers"]] == [None, m, None, m, None]
+    x = bundle_inputs(manifest, seed=4, dims={"batch": 2})
+    got, _ = arm_runtime.run_bundle(tmp_path, x)
+    ref = testing.ort_run(str(tmp_path / "model.onnx"), x)
+    np.testing.assert_allclose(got["output"], ref["output"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("pair", [False, True])
 def test_arm_mobilenet_style_matches_onnxruntime(runtime, tmp_path, monkeypatch, pair):
     """Depthwise convolutions (stride 1 and 2) and ReLU6 on spc's kernels with NEON's 4 lanes (tails of 2 + 1),

@@ -122,8 +122,8 @@ class Algorithm:
 F2 = Algorithm(2, 1, *toom_cook(2, 3, (0, 1, -1)), 0, 92, 43, 0.63)
 F4 = Algorithm(4, 1, *toom_cook(4, 3, (0, 1, -1, 2, -2)), 1.0, 396, 125, 0.57)
 # stride 2: 25 products per 2x2 tile instead of 36 (1.44x fewer), 81 per 4x4 tile instead of 144 (1.78x)
-S2F2 = Algorithm(2, 2, *_strided(2, (0, 1)), 0.13, 365, 72, 0)
-S2F4 = Algorithm(4, 2, *_strided(4, (0, 1, -1, 2)), 1.1, 1233, 144, 0.5)
+S2F2 = Algorithm(2, 2, *_strided(2, (0, 1)), 0.13, 225, 72, 0)
+S2F4 = Algorithm(4, 2, *_strided(4, (0, 1, -1, 2)), 1.1, 925, 144, 0.5)
 # the channel-vector form's time beside them, in vector FMAs per weight vector streamed and per element stored
 DIRECT_WEIGHT_FMAS = 0.36
 DIRECT_STORE_FMAS = 1.55
@@ -212,9 +212,11 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
     input channels the choice ran within 5% of the fastest form on every layer. Layers with fewer input channels
     (stems) keep the direct form: the transforms work on whole vectors of channels, and on 8-channel layers the
     rule mispredicted either way (Winograd 0.74-2.4x). The stride-2 algorithms' terms were fitted the same way on
-    29 lone layers (16-512 channels, 8x8 to 56x56 input maps; the direct form's per-FMA time as the unit): the
-    choice ran within 5% of the fastest form on 25, 8-29% slower on four (16x16 to 56x56 maps where both tiles
-    predict alike); where taken, 1.0-1.5x the direct form (1.3-1.5x on 56x56 maps)."""
+    29 lone layers (16-512 channels, 8x8 to 56x56 input maps; the direct form's per-FMA time as the unit), their
+    input terms again after the copy went by blocks (``_transpose_row``): the choice ran within 5% of the fastest
+    form on 23, 10-21% slower on six (16x16 maps and 14x14 ones, where the two tiles or Winograd and the direct form
+    predict alike; 3.4% on average); where taken, 1.0-1.5x the direct form (1.3-1.5x on 56x56 maps). The stride-1
+    terms, checked on 25 of their layers after that change, still choose the fastest form on 24 (9% off on one)."""
     if not takes_winograd(g) or g.c_in < params.lanes:
         return None, 1.0
     lanes = params.lanes
@@ -276,7 +278,7 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
     a(1, f'V = T.alloc_buffer(({alg.planes * lay.rows * lay.cp},), "float32")')
     a(1, f'M = T.alloc_buffer(({alg.planes * lay.rows * lay.cop},), "float32")')
     a(1, f"for nc in range({n} // {images}):" if images > 1 else f"for nc in range({n}):")
-    _copy_transposed(a, g, lay, images)
+    _copy_transposed(a, g, lay, images, lanes)
     if lay.rows > lay.tiles:  # product rows past the last tile: zeros (their sums are never read)
         a(2, f"for z in range({alg.planes * (lay.rows - lay.tiles)}):")
         a(3, f"for v in T.vectorized({lay.cp}):")
@@ -319,7 +321,39 @@ def _input_transform(a: _Src, lay: _Layout, alg: Algorithm, images: int, lanes: 
                  + _combination(alg.bt[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]"))
 
 
-def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int) -> None:
+COPY_BLOCK = 4  # input columns per block of the transposing copy (0: element by element, A/B timing)
+
+
+def _transpose_row(a: _Src, lanes: int, cols: int, channels: int, src, dst) -> None:
+    """dst(j, ci) = src(ci, j) for one input row, in blocks of ``lanes`` channels x COPY_BLOCK columns through a
+    small buffer: vector loads along the row, vector stores along the channels (the compiler builds each store
+    vector from the buffer). 0.26 ns per element against 0.58 element by element (64 x 56 x 56, one thread);
+    columns and channels past whole blocks go element by element."""
+    bw = COPY_BLOCK
+    col_blocks, chan_blocks = (cols // bw, channels // lanes) if bw else (0, 0)
+    if col_blocks and chan_blocks:
+        a(4, f"for jb in range({col_blocks}):")
+        a(5, f"for cb in range({chan_blocks}):")
+        tb = a.fresh("tb")
+        a(6, f'{tb} = T.alloc_buffer(({lanes * bw},), "float32", scope="local")')
+        a(6, f"for cc in range({lanes}):")
+        a(7, f"for v in T.vectorized({bw}):")
+        a(8, f"{tb}[cc * {bw} + v] = {src(f'cb * {lanes} + cc', f'jb * {bw} + v')}")
+        a(6, f"for jj in range({bw}):")
+        a(7, f"for v in T.vectorized({lanes}):")
+        a(8, f"{dst(f'jb * {bw} + jj', f'cb * {lanes} + v')} = {tb}[v * {bw} + jj]")
+    done_cols, done_chans = col_blocks * bw, chan_blocks * lanes
+    if done_chans and done_cols < cols:  # the last columns of the whole channel blocks
+        a(4, f"for j in range({done_cols}, {cols}):")
+        a(5, f"for ci in range({done_chans}):")
+        a(6, f"{dst('j', 'ci')} = {src('ci', 'j')}")
+    if done_chans < channels:  # the last channels, every column
+        a(4, f"for j in range({cols}):")
+        a(5, f"for ci in range({done_chans}, {channels}):")
+        a(6, f"{dst('j', 'ci')} = {src('ci', 'j')}")
+
+
+def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int, lanes: int) -> None:
     """XT[slot, row, column, ci] = the zero-padded input (zeros past the last channel too); one (parallel) loop
     over (image, padded row). The valid rows and columns are resolved here: no per-element bounds checks."""
     pt, pl = g.pad[0], g.pad[1]
@@ -333,9 +367,8 @@ def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int) -> None:
         a(4, f"for z in range({pl * lay.cp}):")
         a(5, f"XT[{base} + z] = T.float32(0)")
     cols = min(g.w, lay.wp - pl)  # at stride 2 the last input column may lie past every tile
-    a(4, f"for j in range({cols}):")
-    a(5, f"for ci in range({g.c_in}):")
-    a(6, f"XT[{base} + ({pl} + j) * {lay.cp} + ci] = X[{img}, ci, {ih}, j]")
+    _transpose_row(a, lanes, cols, g.c_in, lambda ci, j: f"X[{img}, {ci}, {ih}, {j}]",
+                   lambda j, ci: f"XT[{base} + ({pl} + {j}) * {lay.cp} + {ci}]")
     if lay.cp > g.c_in:
         a(4, f"for j in range({cols}):")
         a(5, f"for z in range({lay.cp - g.c_in}):")
