@@ -390,7 +390,8 @@ def test_winograd_transforms_compute_the_strided_correlation(name):
     want2 = [[np.sum(w2 * d2[s * i:s * i + 3, s * j:s * j + 3]) for j in range(alg.m)] for i in range(alg.m)]
     got2 = alg.at @ ((alg.g @ w2 @ alg.g.T) * (alg.bt @ d2 @ alg.bt.T)) @ alg.at.T
     np.testing.assert_allclose(got2, want2, rtol=0, atol=1e-11)
-    assert (alg.span, alg.planes) == ((alg.m + 2, (alg.m + 2) ** 2) if s == 1 else (2 * alg.m + 1, (2 * alg.m + 1) ** 2))
+    span = alg.m + 2 if s == 1 else 2 * alg.m + 1
+    assert (alg.span, alg.planes) == (span, span * span)
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)

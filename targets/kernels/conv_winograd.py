@@ -15,8 +15,9 @@ At stride 2 a tile of m outputs reads 2m + 1 inputs: the even ones meet the filt
 correlation (F(m, 2), m + 1 values), the odd ones tap 1 alone (m values), so each dimension has 2m + 1 values and
 a tile (2m + 1)^2 products: 25 per 2x2 tile instead of 36, 81 per 4x4 tile instead of 144 (``_strided``; the
 sub-convolution split of Yang et al., "Stride 2 1-D, 2-D, and 3-D Winograd for CNNs", 2020, in one transform). The
-same code runs both strides; only the transforms' shapes and the tiles' step differ. Which algorithm runs, if any,
-is a per-layer choice by predicted time (``choose_algorithm``).
+same code runs both strides; only the transforms' shapes and the tiles' step differ. The stride-2 F(4x4)'s F(4, 2)
+(points 0, +-1, 2) has entries up to 8 too, and its errors are of F(4x4, 3x3)'s size (tests). Which algorithm
+runs, if any, is a per-layer choice by predicted time (``choose_algorithm``).
 
 Layout, chosen so that every stage runs on whole vectors: the input goes once into zero-padded planes transposed to
 channels last (XT[row, column, channel], channels rounded up to whole vectors); the input transform then works on
@@ -177,8 +178,8 @@ def _layout(g: ConvGeom, params: CpuKernelParams, images: int, alg: Algorithm) -
     tiles = images * th * tw
     rows = max(_ceil(tiles, k.positions) * k.positions for k in _product_tiles(g.c_out, tiles, params))
     overlap = alg.span - alg.step
-    return _Layout(th, tw, alg.step * th + overlap, alg.step * tw + overlap, _ceil(g.c_in, params.lanes) * params.lanes,
-                   _ceil(g.c_out, width) * width, tiles, rows, alg.planes)
+    return _Layout(th, tw, alg.step * th + overlap, alg.step * tw + overlap,
+                   _ceil(g.c_in, params.lanes) * params.lanes, _ceil(g.c_out, width) * width, tiles, rows, alg.planes)
 
 
 def winograd_buffer_bytes(g: ConvGeom, params: CpuKernelParams, alg: Algorithm | None = None) -> int:
@@ -256,8 +257,7 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
                      params: CpuKernelParams, n_static: int | None, alg: Algorithm | None = None) -> Kernel:
     """Y[n, co, oh * OW + ow] of a 3x3 convolution by F(m x m, 3x3) at its stride (``alg``, else
     ``choose_algorithm``'s, else the smaller one), in four parallel stages per launch: copy (XT), input transform
-    (V), p x p products (M), output
-    transform (Y, with the bias and activation)."""
+    (V), p x p products (M), output transform (Y, with the bias and activation)."""
     alg = alg or _chosen(g, params)
     lanes = params.lanes
     images = _images_per_launch(n_static, winograd_buffer_bytes(g, params, alg))
