@@ -108,7 +108,7 @@ def compile_cli(args, progress) -> int:
         return 0
     layers = manifest.get("layers", [])
     if layers:
-        rows = [[layer.get("node", ""), layer.get("op", ""), layer.get("kernel", ""),
+        rows = [[layer.get("node", ""), layer.get("op", ""), _kernel_name(layer),
                  f"{layer['density']:.2f}" if isinstance(layer.get("density"), (int, float)) else "",
                  f"{layer['expected_speedup']:.2f}x" if isinstance(layer.get("expected_speedup"), (int, float))
                  else ""] for layer in layers]
@@ -188,3 +188,9 @@ def run_cli(args) -> int:
     np.savez(args.output, **outputs)
     print(f"wrote {', '.join(outputs)} to {args.output}")
     return 0
+
+
+def _kernel_name(layer: dict) -> str:
+    """The layer's kernel as the table shows it: a dense 3x3 conv by Winograd says its tile (F(m x m, 3x3))."""
+    m = layer.get("winograd")
+    return f"{layer.get('kernel', '')}, Winograd {m}x{m}" if m else layer.get("kernel", "")

@@ -36,9 +36,9 @@ def test_compile_then_run_matches_onnxruntime(tmp_path, capsys):
 
 
 def test_no_winograd_computes_every_product(tmp_path, capsys):
-    """The digits CNN's 3x3 stride-1 layers run by Winograd by default (F(4x4, 3x3) on its 8x8 maps, F(2x2, 3x3)
-    on 4x4), the manifest says which; ``--no-winograd`` computes every product, as close to ONNX Runtime as the
-    direct sums."""
+    """The digits CNN's 3x3 layers run by Winograd by default (F(4x4, 3x3) on its 8x8 maps, F(2x2, 3x3) on 4x4
+    ones and on its stride-2 8x8 -> 4x4 layer), the manifest and the terminal's table say which; ``--no-winograd``
+    computes every product, as close to ONNX Runtime as the direct sums."""
     images = np.load(MODELS / "digits_eval.npz")["image"][:8]
     expected = ort.InferenceSession(str(MODELS / "digits_cnn.onnx")).run(None, {"image": images})[0]
     errors = {}
@@ -48,6 +48,11 @@ def test_no_winograd_computes_every_product(tmp_path, capsys):
         manifest = json.loads((bundle / "manifest.json").read_text())
         tiles = sorted({layer["winograd"] for layer in manifest["layers"] if layer["winograd"]})
         assert manifest["winograd"] is not bool(flag) and tiles == ([] if flag else [2, 4])
+        shown = capsys.readouterr().out
+        if flag:
+            assert "Winograd" not in shown
+        else:
+            assert "dense, Winograd 4x4" in shown and "dense, Winograd 2x2" in shown
         np.save(tmp_path / "x.npy", images)
         assert main(["run", str(bundle), "--input", f"image={tmp_path / 'x.npy'}", "--output",
                      str(tmp_path / "y.npz")]) == 0
