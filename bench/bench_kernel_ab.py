@@ -35,7 +35,7 @@ thread unless ``--threads``), with ONNX Runtime on the same model beside them. R
   and the digits CNN of models/ (batch 1 and 8).
 * ``winograd_stride2``: dense 3x3 stride-2 convolutions by the stride-2 F(4x4, 3x3) and F(2x2, 3x3) too
   (kernels/conv_winograd.py ``STRIDED``) against stride-1 layers only, on ResNet's stride-2 3x3 shapes and pruned
-  ones alone and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8).
+  ones alone and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8), ResNet-50 (batch 1).
 * ``winograd_copy``: Winograd's transposing copy in blocks of a vector of channels x 4 columns
   (kernels/conv_winograd.py ``COPY_BLOCK``) against element by element, on 3x3 layers alone (wide and pruned, both
   strides) and in ResNet-18, the 56x56 CNN and the digits CNN (batch 1 and 8).
@@ -244,7 +244,8 @@ def rule_switch(rule: str):
         models = {f"conv 3x3/2, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n: lone_conv(ci, co, n, 3, 2),
                                                           [1, ci, n, n])
                   for ci, co, n in shapes}
-        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18"))))
+        models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
+                                   ("resnet50", 1)))
         return (lambda on: setattr(conv_winograd, "STRIDED", on)), models
     if rule == "winograd_copy":
         from spc.targets.kernels import conv_winograd

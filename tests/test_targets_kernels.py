@@ -367,11 +367,12 @@ WINOGRAD_CASES = [
     dict(c_in=3, h=5, w=6, c_out=48, pad=(0, 0, 0, 0)),
     dict(c_in=17, h=3, w=3, c_out=7, pad=(0, 0, 0, 0)),
     dict(c_in=32, h=4, w=4, c_out=64, pad=(2, 1, 0, 2)),
-    # stride 2: even and odd maps and padding (the last input column past every tile, or read), a 1x1 output
+    # stride 2: even and odd maps and padding, an output of 1x2
     dict(c_in=16, h=16, w=16, c_out=32, pad=(1, 1, 1, 1), stride=(2, 2)),
     dict(c_in=20, h=15, w=13, c_out=40, pad=(1, 0, 2, 1), stride=(2, 2)),
     dict(c_in=5, h=9, w=8, c_out=21, pad=(0, 0, 0, 0), stride=(2, 2)),
     dict(c_in=17, h=3, w=4, c_out=7, pad=(0, 0, 0, 1), stride=(2, 2)),
+    dict(c_in=16, h=18, w=18, c_out=16, pad=(0, 0, 0, 0), stride=(2, 2)),  # the last row and column unread
 ]
 
 
