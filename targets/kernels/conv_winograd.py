@@ -309,15 +309,18 @@ def _input_transform(a: _Src, lay: _Layout, alg: Algorithm, images: int, lanes: 
     for buf in rows:
         a(5, f'{buf} = T.alloc_buffer(({span * lanes},), "float32")')
     a(5, f"for v in T.vectorized({lanes}):")
-    patch = (f"XT[q // {lay.th} * {plane} + ((q % {lay.th} * {step} + {{r}}) * {lay.wp} + tj * {step} + {{c}})"
-             f" * {lay.cp} + cv * {lanes} + v]")
+    # indices with their constants folded (TVMScript's parser takes its time per node of an expression)
+    tile_row = f"q // {lay.th} * {plane} + q % {lay.th} * {step * lay.wp * lay.cp}" if images > 1 else \
+        f"q * {step * lay.wp * lay.cp}"
+    patch = f"{tile_row} + tj * {step * lay.cp} + cv * {lanes}"
     for i in range(p):
         for c in range(span):
-            a(6, f"{rows[i]}[{c * lanes} + v] = " + _combination(alg.bt[i], lambda r, c=c: patch.format(r=r, c=c)))
-    row = f"(q * {lay.tw} + tj) * {lay.cp} + cv * {lanes} + v"
+            a(6, f"{rows[i]}[{c * lanes} + v] = "
+                 + _combination(alg.bt[i], lambda r, c=c: f"XT[{patch} + {(r * lay.wp + c) * lay.cp} + v]"))
+    row = f"q * {lay.tw * lay.cp} + tj * {lay.cp} + cv * {lanes}"
     for i in range(p):
         for j in range(p):
-            a(6, f"V[{(i * p + j) * lay.rows * lay.cp} + {row}] = "
+            a(6, f"V[{row} + {(i * p + j) * lay.rows * lay.cp} + v] = "
                  + _combination(alg.bt[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]"))
 
 
@@ -421,11 +424,11 @@ def _output_transform(a: _Src, g: ConvGeom, lay: _Layout, alg: Algorithm, images
     for buf in outs:
         a(5, f'{buf} = T.alloc_buffer(({m * lanes},), "float32")')
     a(5, f"for v in T.vectorized({lanes}):")
-    mrow = f"(q * {lay.tw} + tj) * {lay.cop} + cv * {lanes} + v"
+    mrow = f"q * {lay.tw * lay.cop} + tj * {lay.cop} + cv * {lanes}"
     for i in range(m):
         for c in range(p):
             a(6, f"{rows[i]}[{c * lanes} + v] = "
-                 + _combination(alg.at[i], lambda r, c=c: f"M[{(r * p + c) * lay.rows * lay.cop} + {mrow}]"))
+                 + _combination(alg.at[i], lambda r, c=c: f"M[{mrow} + {(r * p + c) * lay.rows * lay.cop} + v]"))
     for i in range(m):
         for j in range(m):
             total = _combination(alg.at[j], lambda c, i=i: f"{rows[i]}[{c * lanes} + v]")
