@@ -113,6 +113,13 @@ RESNET_CONVS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (12
                 (128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (256, 512, 14, 3, 2), (512, 512, 7, 3, 1)]
 
 
+def lone_conv_models(shapes) -> dict:
+    """Lone convolutions by title: (in, out, input size, kernel, stride) -> (builder, input shape)."""
+    return {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
+                                                         lone_conv(ci, co, n, k, s), [1, ci, n, n])
+            for ci, co, n, k, s in shapes}
+
+
 def lone_conv(c_in: int, c_out: int, size: int, kernel: int, stride: int):
     from spc.targets.measure import LayerSpec
 
@@ -211,50 +218,39 @@ def rule_switch(rule: str):
     if rule == "channel_vectors":
         from spc.targets.kernels import conv_channels
 
-        models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
-                                                               lone_conv(ci, co, n, k, s), [1, ci, n, n])
-                  for ci, co, n, k, s in RESNET_CONVS}
+        models = lone_conv_models(RESNET_CONVS)
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("resnet18", "cnn", "digits"))))
         return (lambda on: setattr(conv_channels, "CHANNEL_VECTORS", on)), models
     if rule == "padding_taps":
         from spc.targets.kernels import conv_channels
 
-        models = {f"conv {k}x{k}/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, k=k, s=s:
-                                                               lone_conv(ci, co, n, k, s), [1, ci, n, n])
-                  for ci, co, n, k, s in RESNET_CONVS[1:]}
+        models = lone_conv_models(RESNET_CONVS[1:])
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
                                    ("resnet50", 1)))
         return (lambda on: setattr(conv_channels, "SKIP_PADDING", on)), models
     if rule == "winograd":
         from spc.targets.kernels import conv_winograd
 
-        shapes = [(ci, co, n) for ci, co, n, k, s in RESNET_CONVS if (k, s) == (3, 1)]
-        shapes += [(16, 16, 56), (32, 32, 28), (48, 48, 14), (96, 96, 7)]  # as pruned to a quarter to a fifth
-        models = {f"conv 3x3/1, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n: lone_conv(ci, co, n, 3, 1),
-                                                          [1, ci, n, n])
-                  for ci, co, n in shapes}
+        shapes = [c for c in RESNET_CONVS if c[3:] == (3, 1)]
+        shapes += [(c, c, n, 3, 1) for c, n in ((16, 56), (32, 28), (48, 14), (96, 7))]  # pruned to 1/4-1/5
+        models = lone_conv_models(shapes)
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
                                    ("resnet50", 1)))
         return (lambda on: setattr(conv_winograd, "WINOGRAD", on)), models
     if rule == "winograd_stride2":
         from spc.targets.kernels import conv_winograd
 
-        shapes = [(ci, co, n) for ci, co, n, k, s in RESNET_CONVS if (k, s) == (3, 2)]
-        shapes += [(48, 80, 56), (32, 64, 28), (32, 64, 8)]  # pruned widths, the digits CNN's 8x8 -> 4x4 layer
-        models = {f"conv 3x3/2, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n: lone_conv(ci, co, n, 3, 2),
-                                                          [1, ci, n, n])
-                  for ci, co, n in shapes}
+        shapes = [c for c in RESNET_CONVS if c[3:] == (3, 2)]
+        shapes += [(48, 80, 56, 3, 2), (32, 64, 28, 3, 2), (32, 64, 8, 3, 2)]  # pruned, the digits CNN's 8x8 -> 4x4
+        models = lone_conv_models(shapes)
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18")),
                                    ("resnet50", 1)))
         return (lambda on: setattr(conv_winograd, "STRIDED", on)), models
     if rule == "winograd_copy":
         from spc.targets.kernels import conv_winograd
 
-        shapes = [(64, 64, 56, 1), (128, 128, 28, 1), (512, 512, 7, 1), (16, 16, 56, 1), (32, 32, 28, 1),
-                  (16, 80, 28, 1), (64, 128, 56, 2), (48, 80, 56, 2)]
-        models = {f"conv 3x3/{s}, {ci} -> {co}, {n}x{n}": (lambda ci=ci, co=co, n=n, s=s: lone_conv(ci, co, n, 3, s),
-                                                            [1, ci, n, n])
-                  for ci, co, n, s in shapes}
+        models = lone_conv_models([(64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (512, 512, 7, 3, 1), (16, 16, 56, 3, 1),
+                                   (32, 32, 28, 3, 1), (16, 80, 28, 3, 1), (64, 128, 56, 3, 2), (48, 80, 56, 3, 2)])
         models.update(whole_models(*((name, b) for b in (1, 8) for name in ("digits", "cnn", "resnet18"))))
         return (lambda on: setattr(conv_winograd, "COPY_BLOCK", 4 if on else 0)), models
     if rule == "glue_vectors":
