@@ -202,9 +202,9 @@ def compile_model(
     model's per-layer choice (benchmarks). ``sparsity`` may instead map weight (initializer) names to fractions:
     exactly those layers are sparsified, each at its own fraction, and run the BSR kernel (``--speedup`` measured
     that it pays); the others stay dense. With a static batch of images, CPU targets run the high-resolution layers
-    one image at a time (depth_first.py) unless ``depth_first`` is False. Dense 3x3 stride-1 convolutions run by
-    Winograd's algorithm where it pays (fewer multiplies; results within about 1e-5 of the sums' magnitude) unless
-    ``winograd`` is False. Returns the manifest (also written as manifest.json).
+    one image at a time (depth_first.py) unless ``depth_first`` is False. Dense 3x3 convolutions at stride 1 or 2
+    run by Winograd's algorithm where it pays (fewer multiplies; results within about 1e-5 of the sums' magnitude)
+    unless ``winograd`` is False. Returns the manifest (also written as manifest.json).
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
