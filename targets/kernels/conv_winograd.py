@@ -15,6 +15,8 @@ At stride 2 a tile of m outputs reads 2m + 1 inputs: the even ones meet the filt
 correlation (F(m, 2), m + 1 values), the odd ones tap 1 alone (m values), so each dimension has 2m + 1 values and
 a tile (2m + 1)^2 products: 25 per 2x2 tile instead of 36, 81 per 4x4 tile instead of 144 (``_strided``; the
 sub-convolution split of Yang et al., "Stride 2 1-D, 2-D, and 3-D Winograd for CNNs", 2020, in one transform). The
+odd phase's values all meet tap 1, so their products share transformed weights: 36 weight planes for 81 products
+(16 for 25), which halves the weights streamed and stored. The
 same code runs both strides; only the transforms' shapes and the tiles' step differ. The stride-2 F(4x4)'s F(4, 2)
 (points 0, +-1, 2) has entries up to 8 too, and its errors are of F(4x4, 3x3)'s size (tests). Which algorithm
 runs, if any, is a per-layer choice by predicted time (``choose_algorithm``).
@@ -119,6 +121,27 @@ class Algorithm:
         """Values per tile: p x p independent products."""
         return self.p * self.p
 
+    @property
+    def g_rows(self) -> int:
+        """Distinct rows of G: at stride 2 the odd phase's m rows are all tap 1 (G's last rows repeat), so the
+        products of those values share their transformed weights."""
+        k = self.p - 1
+        while k > 0 and np.array_equal(self.g[k - 1], self.g[-1]):
+            k -= 1
+        return k + 1
+
+    @property
+    def weight_planes(self) -> int:
+        """Distinct planes of transformed weights: 36 of 81 at stride 2 with 4x4 tiles, 16 of 25 with 2x2."""
+        return self.g_rows * self.g_rows
+
+    def weight_plane(self, xi: str) -> str:
+        """TIR expression: the weight plane of product plane ``xi`` (row and column clamped to G's distinct rows)."""
+        if self.g_rows == self.p:
+            return xi
+        last = self.g_rows - 1
+        return f"T.min({xi} // {self.p}, {last}) * {self.g_rows} + T.min({xi} % {self.p}, {last})"
+
 
 F2 = Algorithm(2, 1, *toom_cook(2, 3, (0, 1, -1)), 0, 92, 43, 0.63)
 F4 = Algorithm(4, 1, *toom_cook(4, 3, (0, 1, -1, 2, -2)), 1.0, 396, 125, 0.57)
@@ -214,10 +237,10 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
     (stems) keep the direct form: the transforms work on whole vectors of channels, and on 8-channel layers the
     rule mispredicted either way (Winograd 0.74-2.4x). The stride-2 algorithms' terms were fitted the same way on
     29 lone layers (16-512 channels, 8x8 to 56x56 input maps; the direct form's per-FMA time as the unit), their
-    input terms again after the copy went by blocks (``_transpose_row``): the choice ran within 5% of the fastest
-    form on 23, 10-21% slower on six (16x16 maps and 14x14 ones, where the two tiles or Winograd and the direct form
-    predict alike; 3.4% on average); where taken, 1.0-1.5x the direct form (1.3-1.5x on 56x56 maps). The stride-1
-    terms, checked on 25 of their layers after that change, still choose the fastest form on 24 (9% off on one)."""
+    input terms again after the copy went by blocks (``_transpose_row``); timed again once the products shared
+    their weight planes (``Algorithm.weight_plane``), the choice ran within 5% of the fastest form on 25 and 5-9%
+    slower on four (14x14 and 7x7 maps where two forms predict alike; 1.0% on average). The stride-1 terms,
+    checked on 25 of their layers after the copy change, still choose the fastest form on 24 (9% off on one)."""
     if not takes_winograd(g) or g.c_in < params.lanes:
         return None, 1.0
     lanes = params.lanes
@@ -228,7 +251,7 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
     best, best_cost = None, direct
     for alg in (alg for alg in ALGORITHMS if (alg.stride,) * 2 == g.stride):
         lay = _layout(g, params, 1, alg)
-        cost = (alg.planes * lay.rows * g.c_in * lay.cop // lanes + alg.weight_fmas * alg.planes * weights
+        cost = (alg.planes * lay.rows * g.c_in * lay.cop // lanes + alg.weight_fmas * alg.weight_planes * weights
                 + lay.tiles * alg.input_fmas * lay.cp // lanes + lay.tiles * alg.output_fmas * co_vectors
                 + alg.store_fmas * stores)
         if cost < best_cost:
@@ -237,10 +260,12 @@ def choose_algorithm(g: ConvGeom, params: CpuKernelParams) -> tuple[Algorithm | 
 
 
 def winograd_weights(w: np.ndarray, width: int, alg: Algorithm = F2) -> np.ndarray:
-    """OIHW 3x3 weights -> U = G w G^T packed [p * p, Co / width, Ci, width] (pack_conv_weight per value)."""
-    u = np.einsum("ik,ockl,jl->ijoc", alg.g, w.astype(np.float64), alg.g).reshape(alg.planes, *w.shape[:2])
+    """OIHW 3x3 weights -> U = G w G^T for G's distinct rows, packed [weight planes, Co / width, Ci, width]
+    (pack_conv_weight per plane; ``Algorithm.weight_plane`` maps a product plane to its weights)."""
+    g = alg.g[:alg.g_rows]
+    u = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g).reshape(alg.weight_planes, *w.shape[:2])
     return np.ascontiguousarray(np.stack([pack_conv_weight(u[xi].astype(np.float32), width)
-                                          for xi in range(alg.planes)]))
+                                          for xi in range(alg.weight_planes)]))
 
 
 def _combination(coefficients: np.ndarray, term) -> str:
@@ -269,7 +294,7 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
     a.signature(name, ["x: T.handle", "w: T.handle"] + (["b: T.handle"] if bias is not None else []) + ["y: T.handle"],
                 ("n_batch",) if n_static is None else ())
     a(1, f'X = T.match_buffer(x, ({n}, {g.c_in}, {g.h}, {g.w}), "float32")')
-    a(1, f'W = T.match_buffer(w, ({alg.planes}, {lay.cop // width}, {g.c_in}, {width}), "float32")')
+    a(1, f'W = T.match_buffer(w, ({alg.weight_planes}, {lay.cop // width}, {g.c_in}, {width}), "float32")')
     if bias is not None:
         a(1, f'B = T.match_buffer(b, ({lay.cop},), "float32")')
     a(1, f'Y = T.match_buffer(y, ({n}, {g.c_out}, {g.pixels}), "float32")')
@@ -286,7 +311,7 @@ def _conv2d_winograd(name: str, g: ConvGeom, w_out_in: np.ndarray, bias: np.ndar
              f" * {lay.cp} + v] = T.float32(0)")
     _input_transform(a, lay, alg, images, lanes)
     for kind in kinds:
-        _products(a, g, lay, kind, width, lanes)
+        _products(a, g, lay, alg, kind, width, lanes)
     _output_transform(a, g, lay, alg, images, bias is not None, act, lanes)
     src = a.text()
     consts = [winograd_weights(w_out_in.reshape(g.c_out, g.c_in, 3, 3), width, alg)]
@@ -384,7 +409,7 @@ def _copy_transposed(a: _Src, g: ConvGeom, lay: _Layout, images: int, lanes: int
     a(5, f"XT[{base} + z] = T.float32(0)")
 
 
-def _products(a: _Src, g: ConvGeom, lay: _Layout, kind: _Tiles, width: int, lanes: int) -> None:
+def _products(a: _Src, g: ConvGeom, lay: _Layout, alg: Algorithm, kind: _Tiles, width: int, lanes: int) -> None:
     """M[xi, tile, co] = sum over ci of V[xi, tile, ci] * U[xi, ci, co], in register tiles of ``kind.positions``
     tiles x ``kind.vectors`` channel vectors; one parallel loop over (xi, weight tile, block of tiles), weight tile
     major: a weight tile (Ci x width floats) stays in cache while every block uses it."""
@@ -399,7 +424,7 @@ def _products(a: _Src, g: ConvGeom, lay: _Layout, kind: _Tiles, width: int, lane
     a(3, f"for ci in range({g.c_in}):")
     for r in range(kind.positions):
         a(4, f"for v in T.vectorized({w}):")
-        a(5, f"{acc}{r}[v] = {acc}{r}[v] + W[{xi}, {ct}, ci, v] * "
+        a(5, f"{acc}{r}[v] = {acc}{r}[v] + W[{alg.weight_plane(xi)}, {ct}, ci, v] * "
              f"V[{xi} * {lay.rows * lay.cp} + ({first_row} + {r}) * {lay.cp} + ci]")
     for r in range(kind.positions):
         a(3, f"for v in T.vectorized({w}):")
