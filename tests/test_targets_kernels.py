@@ -406,7 +406,6 @@ def test_conv2d_winograd(case, batch, algorithm, monkeypatch):
     case = {"stride": (1, 1), **case}
     alg = getattr(kernels.conv_winograd, algorithm if case["stride"] == (1, 1) else "S2" + algorithm)
     assert (alg.stride,) * 2 == case["stride"]
-    monkeypatch.setattr(kernels.conv, "winograd_pays", lambda g, params: kernels.conv_winograd.takes_winograd(g))
     monkeypatch.setattr(kernels.conv_winograd, "choose_algorithm", lambda g, params: (alg, 2.0))
     rng = np.random.default_rng(13)
     g = kernels.ConvGeom(kh=3, kw=3, dilation=(1, 1), **case)

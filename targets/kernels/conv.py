@@ -11,7 +11,8 @@ from .bsr import BSR, SCALED_INDICES, _bsr_accumulate, scaled_indices
 from .conv_layout import ConvGeom, _bsr_conv_chunk, _conv_head, _conv_tile, _images_per_launch, pack_conv_weight
 from .conv_channels import _conv2d_channel_vectors, channel_buffer_bytes, channel_vectors_pay
 from .conv_planes import _conv2d_shifted, _shifted_planes
-from .conv_winograd import _conv2d_winograd, winograd_buffer_bytes, winograd_pays
+from . import conv_winograd
+from .conv_winograd import _conv2d_winograd, winograd_buffer_bytes
 from .source import (
     CpuKernelParams, Kernel, _ceil, _choose_mr, _copy_loop, _epilogue, _loop, _parse, _spill, _Src, _tile_accumulate,
 )
@@ -79,13 +80,19 @@ def _form(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None) -
     return planes, block is None and channel_vectors_pay(g, planes, params)
 
 
+def _winograd(g: ConvGeom, params: CpuKernelParams, allowed: bool):
+    """The Winograd algorithm a dense layer runs by (conv_winograd.choose_algorithm), None for the other forms."""
+    return conv_winograd.choose_algorithm(g, params)[0] if allowed else None
+
+
 def conv_buffer_bytes(g: ConvGeom, params: CpuKernelParams, block: tuple[int, int] | None,
                       winograd: bool = True) -> int:
     """Bytes of the per-image buffers a convolution fills before or after its product: the padded planes (and, with
     pixel vectors, the output with its extra columns), the im2col matrix, Winograd's transposed planes and
     transformed operands, or nothing (1x1 on whole tiles)."""
-    if block is None and winograd and winograd_pays(g, params):
-        return winograd_buffer_bytes(g, params)
+    algorithm = _winograd(g, params, winograd) if block is None else None
+    if algorithm is not None:
+        return winograd_buffer_bytes(g, params, algorithm)
     planes, channel_vectors = _form(g, params, block)
     if channel_vectors:
         return channel_buffer_bytes(g)
@@ -128,8 +135,9 @@ def conv2d(
     copy and one parallel product per chunk.
     """
     sparse = bsr is not None
-    if not sparse and winograd and winograd_pays(g, params):
-        return _conv2d_winograd(name, g, w_out_in, bias, act, params, n_static)
+    algorithm = _winograd(g, params, winograd) if not sparse else None
+    if algorithm is not None:
+        return _conv2d_winograd(name, g, w_out_in, bias, act, params, n_static, algorithm)
     planes, channel_vectors = _form(g, params, bsr.block if sparse else None)
     if channel_vectors:
         return _conv2d_channel_vectors(name, g, w_out_in, bias, act, params, n_static)

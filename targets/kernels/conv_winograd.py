@@ -215,12 +215,6 @@ def _chosen(g: ConvGeom, params: CpuKernelParams) -> Algorithm:
     return choose_algorithm(g, params)[0] or (F2 if g.stride == (1, 1) else S2F2)
 
 
-def winograd_pays(g: ConvGeom, params: CpuKernelParams) -> bool:
-    """Whether a Winograd algorithm costs less than the channel-vector form (conv_channels.py, which skips the
-    taps that read padding): ``winograd_speedup`` above 1."""
-    return winograd_speedup(g, params) > 1
-
-
 def winograd_speedup(g: ConvGeom, params: CpuKernelParams) -> float:
     """The predicted time of the channel-vector form over the best Winograd algorithm's, 1.0 where none is taken
     (``choose_algorithm``)."""
