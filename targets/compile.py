@@ -135,6 +135,16 @@ def _op_in_error(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
+def _dynamic_hint(model: onnx.ModelProto) -> str:
+    """For an error of TVM's importer or compiler on a model with dynamic input dims: how to compile it anyway
+    (its shape functions for masks and position ids built from the input's sizes are where TVM gives up)."""
+    names = sorted({d for dims in input_dims(model).values() for d in dims if isinstance(d, str) and d != "?"})
+    if not names:
+        return ""
+    sizes = " ".join(f"--dim {name}=N" for name in names)
+    return f" (dynamic dims {', '.join(names)}; to compile for fixed sizes: {sizes} --bind-dims)"
+
+
 def _import(model: onnx.ModelProto, spec: TargetSpec, shared: bool = False):
     """``shared``: merge equal expressions before constant folding (the per-image copies of a depth-first prefix
     each reshape the same biases, and folding each copy's again took 8x the time)."""
@@ -148,7 +158,8 @@ def _import(model: onnx.ModelProto, spec: TargetSpec, shared: bool = False):
     try:
         mod = from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False, sanitize_input_names=False)
     except Exception as exc:  # noqa: BLE001 - the importer raises many types
-        raise SpcError(f"target {spec.name}: TVM could not import the model: {_first_line(exc)}") from exc
+        raise SpcError(f"target {spec.name}: TVM could not import the model: {_first_line(exc)}"
+                       f"{_dynamic_hint(model)}") from exc
     if shared:
         mod = relax.transform.EliminateCommonSubexpr()(mod)
     mod = relax.transform.FoldConstant()(mod)
@@ -328,7 +339,7 @@ def compile_model(
     except Exception as exc:  # noqa: BLE001 - TVM raises many types
         op = _op_in_error(exc)
         what = f"op {op}" if op else "the model"
-        raise SpcError(f"target {spec.name} cannot compile {what}: {_first_line(exc)}") from exc
+        raise SpcError(f"target {spec.name} cannot compile {what}: {_first_line(exc)}{_dynamic_hint(model)}") from exc
 
     lib_path = out / LIBRARY
     say(f"exporting {lib_path}" + (f" with {spec.cross_compiler}" if spec.cross_compiler else ""))

@@ -126,22 +126,40 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 SHAPE_OPS = frozenset({"Constant", "ConstantOfShape", "Cast", "Reshape", "Transpose", "Slice", "Concat", "Squeeze",
                        "Unsqueeze", "Gather", "Identity", "Flatten", "Expand", "Range", "Add", "Sub", "Mul", "Div",
-                       "Neg", "Equal", "Where"})
+                       "Neg", "Equal", "Where", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or",
+                       "Not", "Xor", "Min", "Max", "Mod", "Abs", "Tile", "Size"})
 SHAPE_FOLD_MAX_ELEMENTS = 4096  # folded only when every input and output is small: shape arithmetic, not weights
+SHAPE_FOLD_ROUNDS = 8  # each round's constants can make more shapes static (a mask built from the input's size)
 
 
 def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with small computations on constants only (``SHAPE_OPS`` on tensors of at most
-    ``SHAPE_FOLD_MAX_ELEMENTS`` values) evaluated (onnx.reference) into initializers; returns it and the number of
-    nodes folded. PyTorch exports ``F.pad`` amounts as Constant -> Concat -> Reshape -> Slice -> Transpose -> Cast,
-    which TVM's importer rejects ("Dynamic pads are not supported") and ``fold_pad`` cannot read."""
+    """A copy of ``model`` with its shape arithmetic evaluated into initializers; returns it and the number of
+    nodes folded. Two steps, repeated until neither finds more: ``Shape`` (and a ``Gather`` or ``Slice`` of one)
+    where shape inference knows the sizes it reads (``_fold_known_shapes``), and small computations on constants
+    only (``_fold_constant_nodes``). PyTorch exports ``F.pad`` amounts as Constant -> Concat -> Reshape -> Slice ->
+    Transpose -> Cast, which TVM's importer rejects ("Dynamic pads are not supported") and ``fold_pad`` cannot
+    read; Hugging Face models build their position ids and attention masks from ``Shape`` of the input (Range,
+    Expand, GatherElements, And over sizes that are static once the batch is bound, or the sequence length
+    always), which TVM's importer could not type ("Reshape expects the input tensor to have known shape")."""
     model_out = onnx.ModelProto()
     model_out.CopyFrom(model)
-    graph = model_out.graph
-    values = {name: numpy_helper.to_array(t) for name, t in _initializers(model_out).items()
+    total = 0
+    for _ in range(SHAPE_FOLD_ROUNDS):
+        found = _fold_known_shapes(model_out) + _fold_constant_nodes(model_out)
+        total += found
+        if not found:
+            break
+    return model_out, total
+
+
+def _fold_constant_nodes(model: onnx.ModelProto) -> int:
+    """``SHAPE_OPS`` nodes whose inputs are all small constants (at most ``SHAPE_FOLD_MAX_ELEMENTS`` values),
+    evaluated with onnx.reference into initializers, in place; returns how many."""
+    graph = model.graph
+    values = {name: numpy_helper.to_array(t) for name, t in _initializers(model).items()
               if np.prod(t.dims, dtype=np.int64) <= SHAPE_FOLD_MAX_ELEMENTS}
     graph_outputs = {o.name for o in graph.output}
-    opset = next((o.version for o in model_out.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = _opset(model)
     remove: set[int] = set()
     released: set[str] = set()
     for index, node in enumerate(graph.node):
@@ -159,7 +177,86 @@ def fold_shape_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         remove.add(index)
     _drop_nodes(graph, remove)
     _drop_unread(graph, released)
-    return model_out, len(remove)
+    return len(remove)
+
+
+def _opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _known_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Each tensor's dims as shape inference (spc.graph.infer_shapes) gives them: an int where the size is known,
+    None where it is symbolic or unknown; tensors of unknown rank are absent."""
+    from spc.graph import infer_shapes
+
+    inferred = infer_shapes(model).graph
+    dims: dict[str, list] = {}
+    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        tensor = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor.HasField("shape"):
+            dims[value.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    for init in model.graph.initializer:
+        dims[init.name] = [int(d) for d in init.dims]
+    return dims
+
+
+def _fold_known_shapes(model: onnx.ModelProto) -> int:
+    """``Shape`` nodes whose input's sizes are all known, and ``Gather``/``Slice`` nodes that pick known sizes out
+    of a ``Shape`` whose input also has symbolic ones (the sequence length of a [batch, 128] input), replaced by
+    initializers, in place; returns how many nodes were folded. The positions a Gather or Slice picks are found by
+    evaluating it on the positions 0..rank-1 themselves."""
+    graph = model.graph
+    shape_nodes = [node for node in graph.node if node.op_type == "Shape" and node.domain in ("", "ai.onnx")]
+    if not shape_nodes:
+        return 0
+    dims = _known_dims(model)
+    opset = _opset(model)
+    inits = _initializers(model)
+    graph_outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    folded: dict[str, np.ndarray] = {}  # output name -> value
+    done: set[int] = set()
+    for node in shape_nodes:
+        rank_dims = dims.get(node.input[0])
+        if rank_dims is None or node.output[0] in graph_outputs:
+            continue
+        start, end = node_attr(node, "start", 0), node_attr(node, "end", None)
+        picked = rank_dims[start:end] if end is not None else rank_dims[start:]
+        if all(d is not None for d in picked):
+            folded[node.output[0]] = np.array(picked, np.int64)
+            done.add(id(node))
+            continue
+        positions = np.arange(len(rank_dims), dtype=np.int64)[start:end] if end is not None else \
+            np.arange(len(rank_dims), dtype=np.int64)[start:]
+        for reader in readers.get(node.output[0], []):
+            if (reader.op_type not in ("Gather", "Slice") or reader.input[0] != node.output[0]
+                    or reader.output[0] in graph_outputs or opset is None):
+                continue
+            constants = {}
+            for name in reader.input[1:]:
+                if name and name not in inits:
+                    break
+                if name:
+                    constants[name] = numpy_helper.to_array(inits[name])
+            else:
+                which = evaluate_node(reader, {reader.input[0]: positions, **constants}, opset).get(reader.output[0])
+                if which is not None and all(rank_dims[int(i)] is not None for i in which.reshape(-1)):
+                    folded[reader.output[0]] = np.array([rank_dims[int(i)] for i in which.reshape(-1)],
+                                                        np.int64).reshape(which.shape)
+                    done.add(id(reader))
+    if not done:
+        return 0
+    for name, value in folded.items():
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    read = {name for node in graph.node if id(node) not in done for name in node.input}
+    done.update(id(node) for node in shape_nodes if node.output[0] not in read | graph_outputs)  # all read folded
+    kept = [node for node in graph.node if id(node) not in done]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(done)
 
 
 def zero_pad_amounts(pad: onnx.NodeProto, value_of) -> list[int] | None:

@@ -206,3 +206,93 @@ def test_pad_amounts_computed_from_constants_fold_too(tmp_path):
     compile_model(model, "x86", tmp_path)  # TVM's importer rejected these pads ("Dynamic pads are not supported")
     np.testing.assert_allclose(load_bundle(tmp_path).run(x)["y"], ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
     compile_model(model, "x86", tmp_path / "sparse", sparsity=0.8, input_shapes={"x": [2, 3, 8, 8]})  # its cost plan
+
+
+def _shape_built_mask_model() -> onnx.ModelProto:
+    """Position ids and an attention mask built from the inputs' sizes, as Hugging Face models export them: the
+    sequence length read by Shape -> Gather, Range over it, a mask [n, 1, s, s] expanded to a shape concatenated
+    from Shape slices, And / GreaterOrEqual / Where on it, added to token scores."""
+    rng = np.random.default_rng(3)
+    table = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "positions")
+    const = lambda value, name: numpy_helper.from_array(np.array(value, np.int64), name)  # noqa: E731
+    inits = [table, const(1, "one"), const(0, "zero"), const([0], "axis0"), const([1], "axis1"), const([-1], "minus1"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "f0"),
+             numpy_helper.from_array(np.array(-1e9, np.float32), "fneg")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),  # the static length of a dynamic [n, 8]
+        helper.make_node("Range", ["zero", "seq", "one"], ["ids"]),
+        helper.make_node("Gather", ["positions", "ids"], ["pos"], axis=0),  # [s, 4]
+        helper.make_node("Add", ["x3", "pos"], ["h"]),  # [n, s, 4]
+        helper.make_node("MatMul", ["h", "hT"], ["scores"]),  # [n, s, s]
+        helper.make_node("Shape", ["mask"], ["batch"], end=1),  # dynamic: stays
+        helper.make_node("Shape", ["mask"], ["mask_len"], start=1),  # static: folds
+        helper.make_node("Concat", ["batch", "minus1", "mask_len"], ["bshape"], axis=0),
+        helper.make_node("Unsqueeze", ["ids", "axis0"], ["ids_row"]),  # [1, s]
+        helper.make_node("GreaterOrEqual", ["ids_row", "zero"], ["valid"]),
+        helper.make_node("Cast", ["mask"], ["mask_b"], to=TensorProto.BOOL),
+        helper.make_node("And", ["mask_b", "valid"], ["keep"]),  # [n, s]
+        helper.make_node("Unsqueeze", ["keep", "axis1"], ["keep3"]),  # [n, 1, s]
+        helper.make_node("Where", ["keep3", "f0", "fneg"], ["bias"]),
+        helper.make_node("Add", ["scores", "bias"], ["y"]),
+        helper.make_node("Reshape", ["y", "bshape"], ["out"]),
+    ]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                    helper.make_tensor_value_info("x3", TensorProto.FLOAT, ["n", 8, 4]),
+                    helper.make_tensor_value_info("hT", TensorProto.FLOAT, ["n", 4, 8]),
+                    helper.make_tensor_value_info("mask", TensorProto.INT64, ["n", 8])]
+    return _checked_model(nodes, graph_inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 8, 8])],
+                          inits)
+
+
+def _mask_inputs(n: int) -> dict:
+    rng = np.random.default_rng(4)
+    mask = np.ones((n, 8), np.int64)
+    mask[:, 5:] = 0
+    return {"x": rng.standard_normal((n, 8)).astype(np.float32),
+            "x3": rng.standard_normal((n, 8, 4)).astype(np.float32),
+            "hT": rng.standard_normal((n, 4, 8)).astype(np.float32), "mask": mask}
+
+
+def test_shapes_that_inference_knows_fold():
+    """With the batch dynamic, the sequence length and everything computed from it fold (a Gather of the static
+    part of a Shape); only the batch's Shape stays. With the batch bound, no Shape is left."""
+    model = _shape_built_mask_model()
+    folded, count = fold_shape_constants(model)
+    ops = [n.op_type for n in folded.graph.node]
+    assert "Range" not in ops and "GreaterOrEqual" not in ops and count >= 6
+    assert ops.count("Shape") == 1 and folded.graph.node[ops.index("Shape")].output[0] == "batch"
+    feeds = _mask_inputs(3)
+    np.testing.assert_allclose(ort_run(folded, feeds)["out"], ort_run(model, feeds)["out"], rtol=1e-6)
+
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for value in bound.graph.input:
+        value.type.tensor_type.shape.dim[0].dim_value = 3
+    folded, _ = fold_shape_constants(bound)
+    assert "Shape" not in [n.op_type for n in folded.graph.node]
+    np.testing.assert_allclose(ort_run(folded, feeds)["out"], ort_run(model, feeds)["out"], rtol=1e-6)
+
+
+def test_model_with_shape_built_mask_compiles_with_a_dynamic_batch_too(tmp_path, monkeypatch):
+    """TVM's importer could not type the Reshape after such a mask ("Reshape expects the input tensor to have known
+    shape"), dynamic batch or not; with the sizes folded it compiles either way and matches ONNX Runtime. Where
+    TVM still fails on dynamic dims, the error says how to compile for fixed sizes."""
+    pytest.importorskip("tvm")
+    import spc.targets.fold as fold
+    from spc.errors import SpcError
+    from spc.targets import compile_model, get_target, load_bundle
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    model, feeds = _shape_built_mask_model(), _mask_inputs(3)
+    expected = ort_run(model, feeds)["out"]
+    compile_model(model, "x86", tmp_path / "dynamic")
+    np.testing.assert_allclose(load_bundle(tmp_path / "dynamic").run(feeds)["out"], expected, rtol=1e-5, atol=1e-5)
+    compile_model(model, "x86", tmp_path / "bound", input_shapes={k: list(v.shape) for k, v in feeds.items()})
+    np.testing.assert_allclose(load_bundle(tmp_path / "bound").run(feeds)["out"], expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(fold, "_fold_known_shapes", lambda _model: 0)  # as before: TVM's importer fails
+    with pytest.raises(SpcError, match=r"TVM could not import .*dynamic dims n; to compile for fixed sizes: "
+                                       r"--dim n=N --bind-dims"):
+        compile_model(model, "x86", tmp_path / "old")
