@@ -24,6 +24,7 @@ import onnx
 from .depth_first import split_prefix
 from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
+from .recurrent import unroll_recurrent
 from .registry import TargetSpec, get_target
 
 FORMAT = "spc-bundle/1"
@@ -248,6 +249,12 @@ def compile_model(
 
     model = copy.deepcopy(model)
     bound = bind_shapes(model, input_shapes)
+    try:
+        model, n_recurrent = unroll_recurrent(model)  # TVM has no LSTM/GRU/RNN; the bundle keeps what it compiled
+    except SpcError as exc:
+        raise SpcError(f"target {spec.name} {exc}") from None
+    if n_recurrent:
+        say(f"unrolled {n_recurrent} recurrent node(s) (LSTM/GRU/RNN) over their sequence length")
     _check_supported_ops(model, spec)
 
     notes = list(spec.notes)
