@@ -191,6 +191,8 @@ def run_cli(args) -> int:
 
 
 def _kernel_name(layer: dict) -> str:
-    """The layer's kernel as the table shows it: a dense 3x3 conv by Winograd says its tile (F(m x m, 3x3))."""
-    m = layer.get("winograd")
-    return f"{layer.get('kernel', '')}, Winograd {m}x{m}" if m else layer.get("kernel", "")
+    """The layer's kernel as the table shows it: a dense 3x3 conv by Winograd says its tile (F(m x m, 3x3)), a
+    grouped one its groups."""
+    m, groups = layer.get("winograd"), layer.get("groups", 1)
+    name = f"{layer.get('kernel', '')}, Winograd {m}x{m}" if m else layer.get("kernel", "")
+    return f"{name}, {groups} groups" if groups > 1 else name

@@ -24,6 +24,7 @@ import onnx
 from .depth_first import split_prefix
 from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
+from .conv_transpose import lower_conv_transpose
 from .recurrent import unroll_recurrent
 from .registry import TargetSpec, get_target
 
@@ -294,6 +295,10 @@ def compile_model(
     if n_folded:
         say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
     folded_model, _ = fold_shape_constants(folded_model)  # e.g. Pad amounts computed from constants
+    if spec.is_cpu:  # TVM's conv2d_transpose is a scalar loop nest on CPUs; as a convolution it takes spc's kernels
+        folded_model, n_transposed = lower_conv_transpose(folded_model)
+        if n_transposed:
+            say(f"rewrote {n_transposed} ConvTranspose(s) as convolutions")
     folded_model, n_pads = fold_pad(folded_model)
     if n_pads:
         say(f"folded {n_pads} zero Pad(s) into the convolution after each")

@@ -99,6 +99,30 @@ def _glue_rules(lanes: int):
     return [Safe(dl.cpu.Reduction()), Safe(Glue())]
 
 
+@relax.expr_functor.mutator
+class _SigmoidAsExp(relax.PyExprMutator):
+    """sigmoid(x) -> 1 / (1 + exp(-x)), so that FastMathTransform makes its exp a vectorisable polynomial: as
+    ``tir.sigmoid`` LLVM called libm's expf once per element (SiLU on a 48 x 32 x 32 map: 0.15 ms against
+    0.015 ms; EfficientNet-B0 spent 40% of its time there)."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid":
+            x = call.args[0]
+            one = relax.const(1.0, x.ty.dtype)
+            return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(x))))
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="SpcSigmoidAsExp")
+def sigmoid_as_exp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    mutator = _SigmoidAsExp()
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = mutator.visit_expr(func)
+    return mod
+
+
 def cpu_pipeline(spec: TargetSpec):
     """The Relax pipeline for CPU targets (after ``rewrite``): legalize, fuse, schedule the glue, lower."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -114,7 +138,9 @@ def cpu_pipeline(spec: TargetSpec):
                 [
                     relax.transform.DecomposeOpsForInference(),
                     relax.transform.CanonicalizeBindings(),
-                    # exp/erf/tanh/softmax as vectorisable polynomials (max rel. error 3e-7) instead of libm calls
+                    # exp/erf/tanh/softmax (and sigmoid, through exp) as vectorisable polynomials (max rel. error
+                    # 3e-7) instead of libm calls
+                    sigmoid_as_exp,
                     relax.transform.FastMathTransform(),
                     *cpu_generic.library_dispatch_passes(target),
                     relax.transform.LegalizeOps(),

@@ -32,6 +32,7 @@ class LayerRecord:
     fused: list[str] = field(default_factory=list)
     reason: str = ""
     winograd: int | None = None  # m where a dense 3x3 conv runs by Winograd's F(m x m, 3x3) (at its stride)
+    groups: int = 1  # a grouped conv: one kernel per group (shape is then per group's inputs)
 
     def to_json(self) -> dict:
         return asdict(self)

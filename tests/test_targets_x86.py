@@ -95,6 +95,28 @@ def test_depthwise_convolutions_run_spcs_kernel(tmp_path):
     assert [layer["fused"] for layer in layers] == [relu6] + [relu6, relu6, ["bias"]] * 2 + [["bias"]]
 
 
+@pytest.mark.parametrize("groups,stride", [(2, 1), (4, 2), (3, 1)])
+def test_grouped_convolutions_run_spcs_kernel_per_group(groups, stride, tmp_path):
+    """RegNet-style grouped 3x3 convolutions (bias and ReLU fused, stride 1 or 2, group widths that are not whole
+    vectors) run one spc kernel per group, outputs as ONNX Runtime's; they were TVM's scalar loop nest."""
+    rng = np.random.default_rng(groups)
+    c = 12 * groups
+    weights = {"w1": rng.standard_normal((c, 12 // groups, 3, 3)) * 0.2, "b1": rng.standard_normal(c),
+               "w2": rng.standard_normal((c, c // groups, 3, 3)) * 0.2}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1] * 4, strides=[stride] * 2, group=groups),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4, group=groups)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                            ["batch", 12, 13, 11])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    manifest = compile_model(model, "x86", tmp_path)
+    _check_against_ort(tmp_path, manifest, batch=3)
+    assert [(layer["kernel"], layer["groups"]) for layer in manifest["layers"]] == [("dense", groups)] * 2
+    assert manifest["layers"][0]["fused"] == ["bias", "relu"]
+
+
 @pytest.mark.parametrize("kernel", [None, "bsr"])
 def test_expand_and_depthwise_convolutions_run_as_one_kernel(tmp_path, monkeypatch, kernel):
     """Each block's 1x1 expand and the depthwise conv after it (32 x 32 maps, stride 1 then 2) become one kernel
