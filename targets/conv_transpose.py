@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from spc.graph import node_attr
-from spc.rewrite import unique_name
+
+from .onnx_emitter import Emitter, constant_values, replaced, taken_names
 
 
 def _attrs(node: onnx.NodeProto, x_dims: list | None, w: np.ndarray):
@@ -42,25 +42,7 @@ def _attrs(node: onnx.NodeProto, x_dims: list | None, w: np.ndarray):
     return strides, pads, output_padding, dilations, group
 
 
-class _Emitter:
-    def __init__(self, node: onnx.NodeProto, taken: set[str]):
-        self.prefix, self.taken = node.name or node.output[0], taken
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def const(self, value, what: str) -> str:
-        name = unique_name(f"{self.prefix}/{what}", self.taken)
-        self.inits.append(numpy_helper.from_array(np.array(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], what: str, out: str | None = None, **attrs) -> str:
-        out = out or unique_name(f"{self.prefix}/{what}", self.taken)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=unique_name(f"{self.prefix}/{what}_node",
-                                                                                 self.taken), **attrs))
-        return out
-
-
-def _pixel_shuffle(e: _Emitter, node, x: str, w: np.ndarray, bias: np.ndarray | None, h: int, wd: int) -> None:
+def _pixel_shuffle(e: Emitter, node, x: str, w: np.ndarray, bias: np.ndarray | None, h: int, wd: int) -> None:
     c_in, c_out, kh, kw = w.shape
     weight = w.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1).astype(w.dtype)
     inputs = [x, e.const(weight, "W_1x1")]
@@ -73,7 +55,7 @@ def _pixel_shuffle(e: _Emitter, node, x: str, w: np.ndarray, bias: np.ndarray | 
          out=node.output[0])
 
 
-def _zero_inserted(e: _Emitter, node, x: str, w: np.ndarray, bias: np.ndarray | None, h: int, wd: int,
+def _zero_inserted(e: Emitter, node, x: str, w: np.ndarray, bias: np.ndarray | None, h: int, wd: int,
                    strides, pads, output_padding, dilations, group) -> None:
     sh, sw = strides
     if sh > 1 or sw > 1:
@@ -104,21 +86,20 @@ def lower_conv_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     from .fold import _known_dims
 
     dims = _known_dims(model)
-    weights = {t.name: t for t in model.graph.initializer}
-    taken = {name for n in model.graph.node for name in list(n.input) + list(n.output) + [n.name]}
-    taken |= set(weights) | {v.name for v in model.graph.input}
-    rewritten: dict[int, _Emitter] = {}
+    weights = constant_values(model, [name for node in nodes for name in node.input[1:]])
+    taken = taken_names(model)
+    rewritten: dict[int, Emitter] = {}
     for node in nodes:
         if node.input[1] not in weights or (len(node.input) > 2 and node.input[2] and node.input[2] not in weights):
             continue
-        w = numpy_helper.to_array(weights[node.input[1]])
+        w = weights[node.input[1]]
         attrs = _attrs(node, dims.get(node.input[0]), w)
         if attrs is None:
             continue
-        bias = numpy_helper.to_array(weights[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        bias = weights[node.input[2]] if len(node.input) > 2 and node.input[2] else None
         strides, pads, output_padding, dilations, group = attrs
         h, wd = dims[node.input[0]][2:]
-        e = _Emitter(node, taken)
+        e = Emitter(node, taken)
         if (list(w.shape[2:]) == strides and not any(pads) and not any(output_padding) and dilations == [1, 1]
                 and group == 1):
             _pixel_shuffle(e, node, node.input[0], w, bias, h, wd)
@@ -127,14 +108,4 @@ def lower_conv_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         rewritten[id(node)] = e
     if not rewritten:
         return model, 0
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    for node in model.graph.node:
-        e = rewritten.get(id(node))
-        if e is None:
-            out.graph.node.append(node)
-        else:
-            out.graph.node.extend(e.nodes)
-            out.graph.initializer.extend(e.inits)
-    return out, len(rewritten)
+    return replaced(model, rewritten), len(rewritten)

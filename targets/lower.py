@@ -9,7 +9,6 @@ pipeline that compiles the module afterwards; fusion.py finds the bias and ReLU 
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 
 import numpy as np
@@ -308,8 +307,9 @@ class Lowering:
             if flat:
                 x_g = mutator.builder_.emit(relax.op.reshape(x_g, [n_dim, c_in, geom.h * geom.w]))
             w_g = np.ascontiguousarray(w[g * c_out:(g + 1) * c_out].reshape(c_out, -1))
-            kern = kernels.conv2d(self._name("conv"), part, w_g, None if bias is None else bias[g * c_out:(g + 1) * c_out],
-                                  act, self.params, n_static=n_static, winograd=self.winograd)
+            b_g = None if bias is None else bias[g * c_out:(g + 1) * c_out]
+            kern = kernels.conv2d(self._name("conv"), part, w_g, b_g, act, self.params, n_static=n_static,
+                                  winograd=self.winograd)
             outputs.append(mutator.builder_.emit(self._call(mutator, kern, x_g, [n_dim, c_out, geom.pixels])))
         y = mutator.builder_.emit(relax.op.concat(outputs, axis=1))
         node, weight = self._identify(np.ascontiguousarray(w.reshape(w.shape[0], -1)))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from spc.errors import SpcError
 from spc.graph import node_attr
-from spc.rewrite import unique_name
+
+from .onnx_emitter import Emitter, constant_values, replaced, taken_names
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
@@ -33,29 +33,6 @@ ACTIVATIONS = {
     "elu": ("Elu", True, False, 1.0, None),
     "hardsigmoid": ("HardSigmoid", True, True, 0.2, 0.5),
 }
-
-
-class _Emitter:
-    """Appends nodes and constants with fresh names derived from the recurrent node's."""
-
-    def __init__(self, node: onnx.NodeProto, taken: set[str]):
-        self.prefix = node.name or node.output[0] or node.op_type
-        self.taken = taken
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def fresh(self, what: str) -> str:
-        return unique_name(f"{self.prefix}/{what}", self.taken)
-
-    def const(self, value: np.ndarray, what: str) -> str:
-        name = self.fresh(what)
-        self.inits.append(numpy_helper.from_array(np.array(value, order="C"), name))  # 0-d stays 0-d
-        return name
-
-    def op(self, op_type: str, inputs: list[str], what: str, outputs: int = 1, out: str | None = None, **attrs):
-        names = [out] if out else [self.fresh(f"{what}{i}" if outputs > 1 else what) for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.fresh(f"{what}_node"), **attrs))
-        return names[0] if outputs == 1 else names
 
 
 def _activations(node: onnx.NodeProto, directions: int) -> list[tuple[str, dict]]:
@@ -105,14 +82,14 @@ def why_not_unrolled(node: onnx.NodeProto, seq: int | None, constants: dict[str,
     return None
 
 
-def _gate_activation(e: _Emitter, x: str, act: tuple[str, dict], clip: float | None, what: str) -> str:
+def _gate_activation(e: Emitter, x: str, act: tuple[str, dict], clip: float | None, what: str) -> str:
     if clip is not None:
         x = e.op("Clip", [x, e.const(np.float32(-clip), "clip_lo"), e.const(np.float32(clip), "clip_hi")], "clip")
     op, attrs = act
     return e.op(op, [x], what, **attrs)
 
 
-def _direction(e: _Emitter, node: onnx.NodeProto, xw: str, w_r: np.ndarray, bias_r: np.ndarray | None,
+def _direction(e: Emitter, node: onnx.NodeProto, xw: str, w_r: np.ndarray, bias_r: np.ndarray | None,
                peep: np.ndarray | None, h0: str | None, c0: str | None, acts: list, seq: int, reverse: bool,
                hidden: int) -> tuple[list[str], str, str | None]:
     """One direction's steps: (H of each time step in time order, the last H, the last C for LSTM)."""
@@ -182,7 +159,7 @@ def _direction(e: _Emitter, node: onnx.NodeProto, xw: str, w_r: np.ndarray, bias
     return [outputs[t] for t in range(seq)], h, c
 
 
-def _unroll(e: _Emitter, node: onnx.NodeProto, seq: int, constants: dict[str, np.ndarray]) -> None:
+def _unroll(e: Emitter, node: onnx.NodeProto, seq: int, constants: dict[str, np.ndarray]) -> None:
     inputs = list(node.input) + [""] * 8
     outputs = list(node.output) + [""] * 3
     op = node.op_type
@@ -240,40 +217,6 @@ def _unroll(e: _Emitter, node: onnx.NodeProto, seq: int, constants: dict[str, np
         finish(cs, 0, outputs[2], [1, 0, 2], "Y_c")
 
 
-LAYOUT_OPS = frozenset({"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Concat", "Slice",
-                        "Gather", "Split"})  # how exporters arrange a recurrent node's weights out of initializers
-
-
-def _constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    """The initializers, and the values of ``names`` where they are computed from initializers by layout ops only
-    (torch's dynamo exporter stores an LSTM's weights 2-D and Unsqueezes them; Keras' stacks gates with Concat)."""
-    from spc.graph import evaluate_node
-
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-    def value(name: str) -> np.ndarray | None:
-        if name in values:
-            return values[name]
-        node = producer.get(name)
-        if node is None or node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
-            return None
-        inputs = {}
-        for source in node.input:
-            if source and value(source) is None:
-                return None
-            if source:
-                inputs[source] = values[source]
-        values.update(evaluate_node(node, inputs, opset))
-        return values.get(name)
-
-    for name in names:
-        if name:
-            value(name)
-    return values
-
-
 def unroll_recurrent(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with each LSTM, GRU and RNN node over a static sequence length unrolled; returns it and
     how many were. Raises SpcError naming the node and the reason for one that cannot be."""
@@ -283,25 +226,16 @@ def unroll_recurrent(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     from .fold import _known_dims
 
     dims = _known_dims(model)
-    constants = _constant_values(model, [name for node in nodes for name in node.input[1:]])
-    taken = {name for n in model.graph.node for name in list(n.input) + list(n.output) + [n.name]}
-    taken |= set(constants) | {v.name for v in model.graph.input}
-    recurrent = {id(n) for n in nodes}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    for node in model.graph.node:
-        if id(node) not in recurrent:
-            out.graph.node.append(node)
-            continue
+    constants = constant_values(model, [name for node in nodes for name in node.input[1:]])
+    taken = taken_names(model)
+    emitters = {}
+    for node in nodes:
         x_dims = dims.get(node.input[0])
         seq = None if x_dims is None else x_dims[1 if node_attr(node, "layout", 0) else 0]
         reason = why_not_unrolled(node, seq, constants)
         if reason:
             raise SpcError(f"cannot compile node {node.name or node.op_type!r}: op {node.op_type} is unrolled for "
                            f"TVM (which has no {node.op_type}), but {reason}")
-        emitter = _Emitter(node, taken)
-        _unroll(emitter, node, seq, constants)
-        out.graph.node.extend(emitter.nodes)
-        out.graph.initializer.extend(emitter.inits)
-    return out, len(nodes)
+        emitters[id(node)] = Emitter(node, taken)
+        _unroll(emitters[id(node)], node, seq, constants)
+    return replaced(model, emitters), len(nodes)
