@@ -26,6 +26,7 @@ from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
 from .conv_transpose import lower_conv_transpose
 from .recurrent import unroll_recurrent
+from .widen import widen_to_float32
 from .registry import TargetSpec, get_target
 
 FORMAT = "spc-bundle/1"
@@ -291,7 +292,12 @@ def compile_model(
                 )
 
     say(f"importing into TVM Relax ({spec.name}: {spec.description})")
-    folded_model, n_folded = fold_batchnorm(model)  # the bundle keeps `model`; code is generated from this
+    codegen_model, n_widened = widen_to_float32(model) if spec.is_cpu else (model, 0)
+    if n_widened:
+        notes.append("float16/bfloat16 computed in float32 (spc's CPU kernels are float32; the inputs and outputs "
+                     "keep their types)")
+        say("computing the float16/bfloat16 model in float32 (spc's CPU kernels are float32)")
+    folded_model, n_folded = fold_batchnorm(codegen_model)  # the bundle keeps `model`; code is generated from this
     if n_folded:
         say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
     folded_model, _ = fold_shape_constants(folded_model)  # e.g. Pad amounts computed from constants
