@@ -25,6 +25,7 @@ from .depth_first import split_prefix
 from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
 from .conv_transpose import lower_conv_transpose
+from .op_forms import rewrite_op_forms
 from .recurrent import unroll_recurrent
 from .widen import widen_to_float32
 from .registry import TargetSpec, get_target
@@ -301,7 +302,10 @@ def compile_model(
     if n_folded:
         say(f"folded {n_folded} BatchNormalization(s) into the convolution before each")
     folded_model, _ = fold_shape_constants(folded_model)  # e.g. Pad amounts computed from constants
-    if spec.is_cpu:  # TVM's conv2d_transpose is a scalar loop nest on CPUs; as a convolution it takes spc's kernels
+    if spec.is_cpu:  # ops TVM leaves as scalar loop nests on CPUs, in forms spc's kernels run
+        folded_model, n_forms = rewrite_op_forms(folded_model)
+        if n_forms:
+            say(f"rewrote {n_forms} 1-D convolution(s) and instance/group norm(s) for spc's kernels")
         folded_model, n_transposed = lower_conv_transpose(folded_model)
         if n_transposed:
             say(f"rewrote {n_transposed} ConvTranspose(s) as convolutions")

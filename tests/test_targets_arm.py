@@ -117,8 +117,9 @@ def test_arm_mobilenet_style_matches_onnxruntime(runtime, tmp_path, monkeypatch,
 
 def test_arm_grouped_conv_silu_and_upsampling_match_onnxruntime(runtime, tmp_path):
     """The forms spc took over from TVM's scalar loop nests, on NEON: a grouped 3x3 conv (one spc kernel per
-    group), SiLU (sigmoid through exp, a vectorised polynomial) and a 2x2/2 ConvTranspose (a 1x1 conv and a pixel
-    shuffle), and a GRU unrolled over its 4 steps."""
+    group), SiLU (sigmoid through exp, a vectorised polynomial), a 2x2/2 ConvTranspose (a 1x1 conv and a pixel
+    shuffle), a padded AveragePool (a depthwise conv), a nearest 2x Resize (a Tile), and a GRU unrolled over its 4
+    steps."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(7)
@@ -127,15 +128,18 @@ def test_arm_grouped_conv_silu_and_upsampling_match_onnxruntime(runtime, tmp_pat
                "W": rng.standard_normal((1, 9, 20)) * 0.3, "R": rng.standard_normal((1, 9, 3)) * 0.3}
     inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
     inits.append(numpy_helper.from_array(np.array([4, 1, 20], np.int64), "seq_shape"))
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
     nodes = [helper.make_node("Conv", ["x", "wg", "bg"], ["a"], pads=[1] * 4, group=2),
              helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Mul", ["a", "s"], ["silu"]),
-             helper.make_node("ConvTranspose", ["silu", "wt", "bt"], ["up"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("ConvTranspose", ["silu", "wt", "bt"], ["t"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("AveragePool", ["t"], ["p"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Resize", ["p", "", "scales"], ["up"], mode="nearest"),
              helper.make_node("Reshape", ["x", "seq_shape"], ["seq"]),
              helper.make_node("GRU", ["seq", "W", "R"], ["", "h"], hidden_size=3)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 2])],
                               [helper.make_tensor_value_info("up", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("h", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     manifest = compile_model(model, "arm", tmp_path)
     assert manifest["layers"][0]["groups"] == 2
     x = {"x": rng.standard_normal((1, 8, 5, 2)).astype(np.float32) * 3}
