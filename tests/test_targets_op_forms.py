@@ -146,3 +146,60 @@ def test_compiled_average_pool_and_upsampling_match_onnxruntime(tmp_path):
     assert b"spc_dwconv" in (tmp_path / "model.so").read_bytes()  # the pool on spc's depthwise kernel
     x = {"x": RNG.standard_normal((3, 8, 12, 12)).astype(np.float32)}
     np.testing.assert_allclose(load_bundle(tmp_path).run(x)["y"], ort_run(model, x)["y"], rtol=1e-5, atol=1e-5)
+
+
+EINSUMS = [("bij,jk->bik", [4, 5, 6], [6, 7], True), ("bhqd,bhkd->bhqk", [2, 3, 5, 4], [2, 3, 6, 4], False),
+           ("bhqk,bhkd->bhqd", [2, 3, 5, 6], [2, 3, 6, 4], False), ("ij,jk->ki", [5, 6], [6, 7], True),
+           ("bi,bi->b", [4, 6], [4, 6], False), ("ij,kl->kijl", [2, 3], [4, 5], True), ("ij,j->i", [5, 6], [6], True)]
+
+
+@pytest.mark.parametrize("equation,a,b,constant", EINSUMS, ids=[e[0] for e in EINSUMS])
+def test_einsum_as_matmul(equation, a, b, constant):
+    """Two-operand einsums that are one batched product become Transpose / Reshape / MatMul (a constant operand
+    arranged ahead of time)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, a)]
+    inits = []
+    if constant:
+        inits.append(numpy_helper.from_array(RNG.standard_normal(b).astype(np.float32), "w"))
+    else:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, b))
+    graph = helper.make_graph([helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    feeds = {"x": RNG.standard_normal(a).astype(np.float32)}
+    if not constant:
+        feeds["w"] = RNG.standard_normal(b).astype(np.float32)
+    rewritten, count = rewrite_op_forms(model)
+    assert count == 1 and "Einsum" not in [n.op_type for n in rewritten.graph.node]
+    np.testing.assert_allclose(ort_run(rewritten, feeds)["y"], ort_run(model, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation,a,b", [("ij,jk->i", [5, 6], [6, 7]), ("bij,bjk", [2, 3, 4], [2, 4, 5]),
+                                          ("...ij,jk->...ik", [2, 3, 4], [4, 5]), ("iij,jk->ik", [3, 3, 4], [4, 5])])
+def test_einsums_that_are_not_one_product_stay(equation, a, b):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, a), helper.make_tensor_value_info(
+        "w", TensorProto.FLOAT, b)]
+    graph = helper.make_graph([helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert rewrite_op_forms(model)[1] == 0
+
+
+def test_compiled_einsums_match_onnxruntime(tmp_path):
+    """A constant-weight einsum compiles to spc's dense matmul, an attention-score einsum to its batch matmul."""
+    pytest.importorskip("tvm")
+    from spc.targets import compile_model, get_target, load_bundle
+
+    if not get_target("x86").runs_here():
+        pytest.skip("the x86 target needs an AVX-512 host to run bundles")
+    w = numpy_helper.from_array(RNG.standard_normal((16, 32)).astype(np.float32), "w")
+    nodes = [helper.make_node("Einsum", ["x", "w"], ["q"], equation="bsd,de->bse"),
+             helper.make_node("Einsum", ["q", "q"], ["y"], equation="bse,bte->bst")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    manifest = compile_model(model, "x86", tmp_path)
+    assert [(layer["op"], layer["kernel"]) for layer in manifest["layers"]] == [("MatMul", "dense")]
+    x = {"x": RNG.standard_normal((2, 8, 16)).astype(np.float32)}
+    np.testing.assert_allclose(load_bundle(tmp_path).run(x)["y"], ort_run(model, x)["y"], rtol=1e-4, atol=1e-4)
