@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .conv_transpose import lower_conv_transpose
 from .depth_first import split_prefix
 from .errors import SpcError
 from .fold import fold_batchnorm, fold_pad, fold_shape_constants
-from .conv_transpose import lower_conv_transpose
 from .op_forms import rewrite_op_forms
 from .recurrent import unroll_recurrent
-from .widen import widen_to_float32
 from .registry import TargetSpec, get_target
+from .widen import widen_to_float32
 
 FORMAT = "spc-bundle/1"
 LIBRARY = "model.so"
@@ -305,7 +305,7 @@ def compile_model(
     if spec.is_cpu:  # ops TVM leaves as scalar loop nests on CPUs, in forms spc's kernels run
         folded_model, n_forms = rewrite_op_forms(folded_model)
         if n_forms:
-            say(f"rewrote {n_forms} 1-D convolution(s) and instance/group norm(s) for spc's kernels")
+            say(f"rewrote {n_forms} op(s) (1-D convolutions, norms, pools, upsampling, einsums) for spc's kernels")
         folded_model, n_transposed = lower_conv_transpose(folded_model)
         if n_transposed:
             say(f"rewrote {n_transposed} ConvTranspose(s) as convolutions")

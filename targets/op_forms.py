@@ -209,13 +209,17 @@ def rewrite_op_forms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     by_shape = {"InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm,
                 "AveragePool": _average_pool, "Resize": _nearest_upsample}
     nodes = [n for n in model.graph.node if n.op_type in kinds and n.domain in ("", "ai.onnx")]
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    # a convolution whose weight is a 4-D initializer is already in spc's form (weights computed at run time are
+    # resolved below, and skipped unless 3-D)
+    nodes = [n for n in nodes if n.op_type not in ("Conv", "ConvTranspose") or ranks.get(n.input[1], 3) == 3]
     if not nodes:
         return model, 0
     from .fold import _known_dims, _opset
 
     weights = constant_values(model, [name for node in nodes for name in node.input[1:]])
     norms_ok = (_opset(model) or 0) >= 17
-    dims = _known_dims(model)
+    dims = _known_dims(model) if any(n.op_type not in ("Conv", "ConvTranspose") for n in nodes) else {}
     taken = taken_names(model)
     emitters: dict[int, Emitter] = {}
     for node in nodes:
