@@ -83,9 +83,9 @@ def lower_conv_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     nodes = [n for n in model.graph.node if n.op_type == "ConvTranspose" and n.domain in ("", "ai.onnx")]
     if not nodes:
         return model, 0
-    from .fold import _known_dims
+    from .fold import known_dims
 
-    dims = _known_dims(model)
+    dims = known_dims(model)
     weights = constant_values(model, [name for node in nodes for name in node.input[1:]])
     taken = taken_names(model)
     rewritten: dict[int, Emitter] = {}

@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from spc.graph import evaluate_node, node_attr
+from spc.io import default_opset
 from spc.rewrite import unique_name
 
 
@@ -159,11 +160,11 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> int:
     values = {name: numpy_helper.to_array(t) for name, t in _initializers(model).items()
               if np.prod(t.dims, dtype=np.int64) <= SHAPE_FOLD_MAX_ELEMENTS}
     graph_outputs = {o.name for o in graph.output}
-    opset = _opset(model)
+    opset = default_opset(model)
     remove: set[int] = set()
     released: set[str] = set()
     for index, node in enumerate(graph.node):
-        if (node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or opset is None
+        if (node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or not opset
                 or any(o in graph_outputs for o in node.output)
                 or any(name and name not in values for name in node.input)):
             continue
@@ -180,11 +181,7 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> int:
     return len(remove)
 
 
-def _opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _known_dims(model: onnx.ModelProto) -> dict[str, list]:
+def known_dims(model: onnx.ModelProto) -> dict[str, list]:
     """Each tensor's dims as shape inference (spc.graph.infer_shapes) gives them: an int where the size is known,
     None where it is symbolic or unknown; tensors of unknown rank are absent."""
     from spc.graph import infer_shapes
@@ -209,8 +206,8 @@ def _fold_known_shapes(model: onnx.ModelProto) -> int:
     shape_nodes = [node for node in graph.node if node.op_type == "Shape" and node.domain in ("", "ai.onnx")]
     if not shape_nodes:
         return 0
-    dims = _known_dims(model)
-    opset = _opset(model)
+    dims = known_dims(model)
+    opset = default_opset(model)
     inits = _initializers(model)
     graph_outputs = {o.name for o in graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -233,7 +230,7 @@ def _fold_known_shapes(model: onnx.ModelProto) -> int:
             np.arange(len(rank_dims), dtype=np.int64)[start:]
         for reader in readers.get(node.output[0], []):
             if (reader.op_type not in ("Gather", "Slice") or reader.input[0] != node.output[0]
-                    or reader.output[0] in graph_outputs or opset is None):
+                    or reader.output[0] in graph_outputs or not opset):
                 continue
             constants = {}
             for name in reader.input[1:]:

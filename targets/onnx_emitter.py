@@ -60,16 +60,22 @@ LAYOUT_OPS = frozenset({"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "
 
 
 def constant_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    """The initializers, and the values of ``names`` where they are computed from initializers by layout ops only
-    (torch's dynamo exporter stores an LSTM's weights 2-D and Unsqueezes them): the weights a rewrite can read."""
+    """The values of ``names`` that are initializers or computed from initializers by layout ops only (torch's
+    dynamo exporter stores an LSTM's weights 2-D and Unsqueezes them): the weights a rewrite can read (with the
+    tensors read on the way)."""
     from spc.graph import evaluate_node
+    from spc.io import default_opset
 
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    initializers = {t.name: t for t in model.graph.initializer}
+    values: dict[str, np.ndarray] = {}  # only what ``names`` reach is read (a large model's other weights are not)
     producer = {out: node for node in model.graph.node for out in node.output}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = default_opset(model)
 
     def value(name: str) -> np.ndarray | None:
         if name in values:
+            return values[name]
+        if name in initializers:
+            values[name] = numpy_helper.to_array(initializers[name])
             return values[name]
         node = producer.get(name)
         if node is None or node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx"):

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from spc.graph import node_attr
+from spc.io import default_opset
 
 from .onnx_emitter import Emitter, constant_values, replaced, taken_names
 
@@ -215,11 +216,11 @@ def rewrite_op_forms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     nodes = [n for n in nodes if n.op_type not in ("Conv", "ConvTranspose") or ranks.get(n.input[1], 3) == 3]
     if not nodes:
         return model, 0
-    from .fold import _known_dims, _opset
+    from .fold import known_dims
 
     weights = constant_values(model, [name for node in nodes for name in node.input[1:]])
-    norms_ok = (_opset(model) or 0) >= 17
-    dims = _known_dims(model) if any(n.op_type not in ("Conv", "ConvTranspose") for n in nodes) else {}
+    norms_ok = default_opset(model) >= 17
+    dims = known_dims(model) if any(n.op_type not in ("Conv", "ConvTranspose") for n in nodes) else {}
     taken = taken_names(model)
     emitters: dict[int, Emitter] = {}
     for node in nodes:
